@@ -1,0 +1,1 @@
+"""PyTorch / diffusers / LDM checkpoints <-> Flax param trees (strict)."""

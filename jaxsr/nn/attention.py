@@ -1,0 +1,90 @@
+"""Scaled dot-product attention with selectable backends, and the diffusers-style
+`Attention` layer (to_q / to_k / to_v / to_out_0) built on it.
+
+Backends (the `attention` config string):
+  "xla"   einsum attention; logits and softmax in float32, works everywhere.
+  "dpa"   `jax.nn.dot_product_attention` (lets XLA pick; cuDNN flash on GPU).
+  "cudnn" `jax.nn.dot_product_attention(implementation="cudnn")`; GPU only.
+  "auto"  "dpa" on GPU for long sequences, "xla" otherwise.
+Short key sequences (77 text tokens, 145 DAPE tokens) gain nothing from flash
+kernels, so "auto" and "cudnn" fall back to "xla" below `min_flash_kv_len`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+BACKENDS = ("auto", "xla", "dpa", "cudnn")
+MIN_FLASH_KV_LEN = 256
+
+
+def _xla_attention(q, k, v, mask, scale):
+    # Logits in float32: bf16 logits lose the small differences softmax amplifies.
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+def resolve_backend(backend: str, kv_len: int) -> str:
+    """The concrete implementation `backend` means for a key sequence of `kv_len`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+    on_gpu = jax.default_backend() == "gpu"
+    if backend == "auto":
+        return "cudnn" if on_gpu and kv_len >= MIN_FLASH_KV_LEN else "xla"
+    if backend == "cudnn" and kv_len < MIN_FLASH_KV_LEN:
+        return "xla"
+    return backend
+
+
+def dot_product_attention(q, k, v, *, mask=None, backend: str = "xla", scale=None):
+    """Multi-head attention.
+
+    Args:
+      q: [B, Lq, H, D]; k, v: [B, Lk, H, D].
+      mask: optional boolean, broadcastable to [B, H, Lq, Lk]; True = attend.
+      backend: see module docstring.
+      scale: logit scale, default D**-0.5.
+    Returns:
+      [B, Lq, H, D] in q's dtype.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    impl = resolve_backend(backend, k.shape[1])
+    if impl == "xla":
+        return _xla_attention(q, k, v, mask, scale)
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=mask, scale=scale,
+        implementation="cudnn" if impl == "cudnn" else None,
+    )
+
+
+class Attention(nn.Module):
+    """diffusers `Attention`: projections to_q/to_k/to_v, output to_out_0.
+
+    Inputs [B, L, C] (and context [B, Lc, Cc] for cross-attention); output [B, L, out_dim].
+    """
+
+    heads: int
+    head_dim: int
+    out_dim: int | None = None
+    qkv_bias: bool = False
+    attention: str = "xla"
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context=None, mask=None):
+        inner = self.heads * self.head_dim
+        context = x if context is None else context
+        dense = lambda n, f, b: nn.Dense(f, use_bias=b, dtype=self.dtype, name=n)
+        q = dense("to_q", inner, self.qkv_bias)(x)
+        k = dense("to_k", inner, self.qkv_bias)(context)
+        v = dense("to_v", inner, self.qkv_bias)(context)
+        split = lambda t: t.reshape(t.shape[0], t.shape[1], self.heads, self.head_dim)
+        out = dot_product_attention(split(q), split(k), split(v), mask=mask,
+                                    backend=self.attention)
+        out = out.reshape(out.shape[0], out.shape[1], inner)
+        return dense("to_out_0", self.out_dim or x.shape[-1], True)(out)
