@@ -1,0 +1,1 @@
+"""Flax Linen networks: UNet, ControlNet, VAE, text encoder, DAPE."""

@@ -1,0 +1,61 @@
+"""Small layers with the numerics of their PyTorch counterparts.
+
+Norms own their `scale`/`bias` directly (no nested module), so a torch
+`norm1.weight` lands at Flax `norm1/scale`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+
+class GroupNorm(nn.Module):
+    """torch.nn.GroupNorm on channels-last input [B, ..., C], statistics in float32.
+
+    Two-pass variance (not E[x²]−E[x]²): it matches PyTorch on activations with a
+    large mean, where the one-pass formula loses float32 digits.
+    """
+
+    num_groups: int = 32
+    epsilon: float = 1e-5
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        xf = x.astype(jnp.float32)
+        grouped = xf.reshape(xf.shape[0], -1, self.num_groups, c // self.num_groups)
+        mean = grouped.mean(axis=(1, 3), keepdims=True)
+        var = jnp.square(grouped - mean).mean(axis=(1, 3), keepdims=True)
+        y = ((grouped - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(xf.shape)
+        return (y * scale + bias).astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """torch.nn.LayerNorm over the last axis, statistics in float32."""
+
+    epsilon: float = 1e-5
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        xf = x.astype(jnp.float32)
+        mean = xf.mean(axis=-1, keepdims=True)
+        var = jnp.square(xf - mean).mean(axis=-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon)
+        return (y * scale + bias).astype(self.dtype)
+
+
+def conv(features: int, name: str, *, kernel: int = 3, stride: int = 1, padding=1,
+         dtype=jnp.float32, use_bias: bool = True) -> nn.Conv:
+    """torch.nn.Conv2d(…, kernel, stride, padding) on NHWC."""
+    pad = padding if isinstance(padding, str) else ((padding, padding), (padding, padding))
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=pad,
+                   use_bias=use_bias, dtype=dtype, name=name)
