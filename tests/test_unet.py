@@ -1,11 +1,11 @@
 """UNet2DConditionModel parity with diffusers' PyTorch module (random weights, float32)."""
 
-import numpy as np
-import pytest
-import torch
 import diffusers
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
 
 from jaxsr.models.unet import UNet2DConditionModel, UNetConfig, load_unet
 from tests.parity import nchw_to_nhwc, nhwc_to_nchw, rel_err, torch_state

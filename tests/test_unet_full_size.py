@@ -4,11 +4,11 @@ Slow (about 4 GB of float32 weights per framework and a long compile): marked
 `slow`, deselected in CI with `-m "not slow"`; run with `pytest -m slow`.
 """
 
+import diffusers
+import jax
 import numpy as np
 import pytest
 import torch
-import diffusers
-import jax
 
 from jaxsr.models.unet import SD2_BASE_UNET, UNet2DConditionModel, load_unet
 from tests.parity import nchw_to_nhwc, nhwc_to_nchw, rel_err, torch_state

@@ -14,9 +14,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 from jaxsr.nn.embeddings import TimestepEmbedding, timestep_features
 from jaxsr.nn.layers import GroupNorm, conv

@@ -12,9 +12,9 @@ kernels, so "auto" and "cudnn" fall back to "xla" below `min_flash_kv_len`.
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 BACKENDS = ("auto", "xla", "dpa", "cudnn")
 MIN_FLASH_KV_LEN = 256

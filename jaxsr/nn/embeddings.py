@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
-import jax.numpy as jnp
 import flax.linen as nn
+import jax.numpy as jnp
 
 
 def timestep_features(timesteps, dim: int, *, flip_sin_to_cos: bool = True,

@@ -6,9 +6,9 @@ Norms own their `scale`/`bias` directly (no nested module), so a torch
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 
 class GroupNorm(nn.Module):

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 from jaxsr.nn.layers import GroupNorm, conv
 

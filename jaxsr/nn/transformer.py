@@ -6,15 +6,16 @@ context, so both the text and the image cross-attention use it.
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 import flax.linen as nn
+import jax.numpy as jnp
 
 from jaxsr.nn.attention import Attention
 from jaxsr.nn.layers import GroupNorm, LayerNorm
 
 
 class GEGLUFeedForward(nn.Module):
-    """net_0/proj: C → 2·4C split into (value, gate); value·GELU(gate) (exact erf); net_2: 4C → C."""
+    """net_0/proj: C → 2·4C, split into (value, gate); value·GELU(gate) with the
+    exact erf GELU; net_2: 4C → C."""
 
     mult: int = 4
     dtype: jnp.dtype = jnp.float32

@@ -1,0 +1,1 @@
+"""Device meshes, sharding rules from configs, host <-> global array helpers."""
