@@ -10,9 +10,9 @@ from __future__ import annotations
 import dataclasses
 from typing import NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 from jaxsr.nn.attention import dot_product_attention
 from jaxsr.nn.layers import GroupNorm, conv
@@ -86,7 +86,7 @@ class DiagonalGaussian(NamedTuple):
 
 
 class VAEMidBlock(nn.Module):
-    """resnet → single-head self-attention over all pixels (with GroupNorm and residual) → resnet."""
+    """resnet → single-head self-attention over all pixels (GroupNorm, residual) → resnet."""
 
     channels: int
     groups: int
