@@ -2,7 +2,8 @@
 
     get_config()        the real sizes (stabilityai/stable-diffusion-2-base):
                         UNet 865,910,724 params, VAE 83,653,863, text encoder 340,387,840.
-    get_config("tiny")  the same block structure with small widths; runs on a laptop
+    get_config("tiny")  the same block structure and width ratios (1, 2, 4, 4), so the same
+                        checkpoint key names, with small widths; runs on a laptop
                         CPU in seconds and is what the tests and the quickstart use.
 
 Used as the `sd` section of the SeeSR and CoSeR configs; on its own it only
@@ -34,12 +35,12 @@ def _sd2_real():
 def _sd2_tiny():
     return dict(
         unet=dict(
-            block_out_channels=(32, 64, 64, 64), attention_head_dim=(2, 4, 4, 4),
+            block_out_channels=(16, 32, 64, 64), attention_head_dim=(1, 2, 4, 4),
             cross_attention_dim=32, layers_per_block=2, norm_num_groups=8,
             use_linear_projection=True, in_channels=4, out_channels=4, sample_size=16,
         ),
         vae=dict(
-            block_out_channels=(16, 32, 32, 32), layers_per_block=2, norm_num_groups=8,
+            block_out_channels=(8, 16, 32, 32), layers_per_block=2, norm_num_groups=4,
             latent_channels=4, in_channels=3, out_channels=3, scaling_factor=0.18215,
         ),
         text_encoder=dict(

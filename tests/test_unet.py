@@ -11,7 +11,7 @@ from jaxsr.models.unet import UNet2DConditionModel, UNetConfig, load_unet
 from tests.parity import nchw_to_nhwc, nhwc_to_nchw, rel_err, torch_state
 
 TINY = dict(
-    block_out_channels=(32, 64, 64, 64), attention_head_dim=(2, 4, 4, 4), cross_attention_dim=24,
+    block_out_channels=(16, 32, 64, 64), attention_head_dim=(1, 2, 4, 4), cross_attention_dim=24,
     norm_num_groups=8, layers_per_block=2, in_channels=4, out_channels=4, sample_size=16,
     down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
     up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,

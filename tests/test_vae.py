@@ -10,7 +10,7 @@ from jaxsr.models.vae import AutoencoderKL, DiagonalGaussian, VAEConfig, load_va
 from tests.parity import nchw_to_nhwc, nhwc_to_nchw, rel_err, torch_state
 from tests.test_unet import randomize_
 
-TINY = dict(block_out_channels=(16, 32, 32, 32), layers_per_block=2, norm_num_groups=8,
+TINY = dict(block_out_channels=(8, 16, 32, 32), layers_per_block=2, norm_num_groups=4,
             latent_channels=4, in_channels=3, out_channels=3,
             down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
 

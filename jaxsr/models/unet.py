@@ -59,6 +59,10 @@ class UNetConfig:
         for name in ("down_block_types", "up_block_types"):
             if len(getattr(self, name)) != levels:
                 raise ValueError(f"UNetConfig.{name} must have {levels} entries")
+        odd = [c for c in self.block_out_channels if c % self.norm_num_groups]
+        if odd:
+            raise ValueError(f"UNet widths {odd} are not divisible by norm_num_groups="
+                             f"{self.norm_num_groups}")
         bad = [t for t in self.down_block_types if t not in _DOWN_TYPES]
         bad += [t for t in self.up_block_types if t not in _UP_TYPES]
         if bad:

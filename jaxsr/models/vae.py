@@ -34,6 +34,12 @@ class VAEConfig:
     scaling_factor: float = 0.18215
     sample_size: int = 512
 
+    def __post_init__(self):
+        bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
+        if bad:
+            raise ValueError(f"VAE widths {bad} are not divisible by norm_num_groups="
+                             f"{self.norm_num_groups}")
+
     @classmethod
     def from_diffusers_config(cls, d: dict) -> VAEConfig:
         levels = len(d.get("block_out_channels", cls.block_out_channels))

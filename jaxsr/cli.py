@@ -1,0 +1,46 @@
+"""The `jaxsr` command: `jaxsr convert ...` (more subcommands register themselves below).
+
+Every subcommand reports a user's mistake (missing file, wrong checkpoint, bad
+option) as one clear `error:` message and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from jaxsr.commands import convert as convert_cmd
+
+EXIT_USAGE = 2
+
+
+class UserError(Exception):
+    """An error the user can fix; printed without a traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jaxsr", description="Diffusion super-resolution (SeeSR, CoSeR) in JAX.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    convert_cmd.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - user-facing boundary
+        from jaxsr.commands.errors import is_user_error
+
+        if not is_user_error(e):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of the `jaxsr` command line."""

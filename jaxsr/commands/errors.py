@@ -1,0 +1,18 @@
+"""Which exceptions are the user's to fix (printed as one line, exit code 2)."""
+
+from __future__ import annotations
+
+
+def is_user_error(e: BaseException) -> bool:
+    from jaxsr.convert.tree import ConversionError
+
+    user_types: tuple[type, ...] = (ConversionError, FileNotFoundError, FileExistsError,
+                                    NotADirectoryError,
+                                    IsADirectoryError, PermissionError, ValueError)
+    try:
+        from jaxsr.convert.readers import CheckpointReadError
+
+        user_types += (CheckpointReadError,)
+    except ImportError:
+        pass
+    return isinstance(e, user_types)
