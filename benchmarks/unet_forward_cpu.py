@@ -32,6 +32,10 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/unet_forward_cpu.json")
     args = ap.parse_args()
 
+    from jaxsr.platform import configure_xla_defaults
+
+    configure_xla_defaults()
+
     import diffusers
     import jax
     import torch

@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from jaxsr.platform import configure_xla_defaults
+
+    configure_xla_defaults()
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args) or 0)

@@ -1,0 +1,47 @@
+"""The attention backends agree with a plain numpy softmax attention."""
+
+import jax
+import numpy as np
+import pytest
+
+from jaxsr.nn import attention
+from tests.parity import rel_err
+
+
+def numpy_attention(q, k, v, mask=None):
+    q, k, v = (np.asarray(t, np.float64) for t in (q, k, v))
+    logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+    if mask is not None:
+        logits = np.where(mask, logits, -np.inf)
+    w = np.exp(logits - logits.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    return np.einsum("bhqk,bkhd->bqhd", w, v)
+
+
+@pytest.mark.parametrize("lq,lk", [(77, 77), (1030, 77), (1024, 1024), (1300, 145)])
+def test_xla_backend_matches_numpy(lq, lk):
+    rng = np.random.default_rng(lq + lk)
+    q = rng.standard_normal((2, lq, 3, 16)).astype(np.float32)
+    k = rng.standard_normal((2, lk, 3, 16)).astype(np.float32)
+    v = rng.standard_normal((2, lk, 3, 16)).astype(np.float32)
+    out = jax.jit(attention.dot_product_attention)(q, k, v)
+    assert out.shape == (2, lq, 3, 16)
+    assert rel_err(out, numpy_attention(q, k, v)) <= 1e-5
+
+
+def test_masked_and_dpa_backends_match_numpy():
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, 77, 2, 8)).astype(np.float32) for _ in range(3))
+    causal = np.tril(np.ones((77, 77), bool))[None, None]
+    want = numpy_attention(q, k, v, causal)
+    assert rel_err(attention.dot_product_attention(q, k, v, mask=causal), want) <= 1e-5
+    assert rel_err(attention.dot_product_attention(q, k, v, mask=causal, backend="dpa"),
+                   want) <= 1e-5
+
+
+def test_backend_resolution():
+    assert attention.resolve_backend("auto", 4096) == (
+        "cudnn" if jax.default_backend() == "gpu" else "xla")
+    assert attention.resolve_backend("cudnn", 77) == "xla"
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        attention.resolve_backend("flash9", 10)
