@@ -251,12 +251,16 @@ class UNet2DConditionModel(nn.Module):
         return h.astype(jnp.float32)
 
     def time_embedding(self, sample, timesteps):
-        cfg = self.config
-        timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (sample.shape[0],))
-        feats = timestep_features(timesteps, cfg.block_out_channels[0],
-                                  flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift)
-        return TimestepEmbedding(cfg.block_out_channels[0] * 4, self.dtype,
-                                 name="time_embedding")(feats)
+        return embed_timesteps(self.config, sample.shape[0], timesteps, self.dtype)
+
+
+def embed_timesteps(cfg, batch: int, timesteps, dtype):
+    """Sinusoid features → `time_embedding` MLP: [B, 4·C0]. Call inside a compact method
+    (the UNet's and the ControlNet's); the submodule is named as in diffusers."""
+    timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (batch,))
+    feats = timestep_features(timesteps, cfg.block_out_channels[0],
+                              flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift)
+    return TimestepEmbedding(cfg.block_out_channels[0] * 4, dtype, name="time_embedding")(feats)
 
 
 def dummy_inputs(config: UNetConfig, batch: int = 1, size: int = 8):
