@@ -1,9 +1,14 @@
-"""The SD2 text encoder: OpenCLIP ViT-H/14's text tower in the transformers
-`CLIPTextModel` layout (23 of its 24 layers, the "penultimate" output, then the
-final layer norm), in Flax.
+"""The SD2 text encoder in Flax: OpenCLIP ViT-H/14's text tower as transformers
+`CLIPTextModel` holds it (23 of OpenCLIP's 24 layers, i.e. SD2's "penultimate"
+output, followed by the final layer norm).
 
-input_ids [B, L] int32 → last_hidden_state [B, L, hidden] (float32 out).
-The param tree follows the released checkpoints (`text_model/encoder/layers_0/...`).
+    input_ids [B, L] int32 -> last_hidden_state [B, L, hidden] float32
+
+Numerics follow transformers' CLIPTextModel: token + learned position embeddings,
+pre-norm encoder layers with causal self-attention (no padding mask, as the SD
+pipelines call it), LayerNorm eps from the config, MLP activation `hidden_act`.
+The param tree mirrors the transformers module names under `text_model/`, so the
+generic `jaxsr.convert.tree` rule converts the released checkpoints.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import numpy as np
 from jaxsr.nn.attention import dot_product_attention
 from jaxsr.nn.layers import LayerNorm
 
+# transformers' ACT2FN entries a CLIP text config can name: "gelu" is the exact
+# (erf) form that OpenCLIP-H / SD2 uses; "quick_gelu" is OpenAI CLIP's x*sigmoid(1.702x).
 _ACTIVATIONS = {
     "gelu": lambda x: nn.gelu(x, approximate=False),
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
@@ -26,7 +33,13 @@ _ACTIVATIONS = {
 
 @dataclasses.dataclass(frozen=True)
 class CLIPTextConfig:
-    """transformers CLIPTextConfig fields (same names)."""
+    """The architecture fields of transformers' CLIPTextConfig (same names).
+
+    Defaults are SD2's text_encoder/config.json. The token ids do not change the
+    hidden states (transformers reads eos_token_id only to pick the pooled
+    token, which SD does not use); they are kept so that an exported model
+    carries the config it was converted from.
+    """
 
     vocab_size: int = 49408
     hidden_size: int = 1024
@@ -37,27 +50,75 @@ class CLIPTextConfig:
     hidden_act: str = "gelu"
     layer_norm_eps: float = 1e-5
     projection_dim: int = 512
+    bos_token_id: int = 0
+    eos_token_id: int = 2
+    pad_token_id: int = 1
 
     def __post_init__(self):
         if self.hidden_act not in _ACTIVATIONS:
             raise ValueError(f"text encoder hidden_act {self.hidden_act!r} is not supported "
                              f"(choose from {sorted(_ACTIVATIONS)})")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"text encoder hidden_size {self.hidden_size} is not divisible "
+                             f"by num_attention_heads {self.num_attention_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
 
     @classmethod
     def from_hf_config(cls, d: dict) -> CLIPTextConfig:
+        """From a transformers CLIPTextConfig dict (config.json); other keys are ignored."""
         fields = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in fields and v is not None})
 
     def to_hf_config(self) -> dict:
+        """A config.json dict from which transformers rebuilds the same CLIPTextModel."""
         return {**dataclasses.asdict(self), "architectures": ["CLIPTextModel"],
-                "model_type": "clip_text_model", "bos_token_id": 49406, "eos_token_id": 49407,
-                "pad_token_id": 1}
+                "model_type": "clip_text_model", "attention_dropout": 0.0,
+                "initializer_factor": 1.0, "initializer_range": 0.02}
 
 
-SD2_TEXT_ENCODER = CLIPTextConfig()
+SD2_TEXT_ENCODER = CLIPTextConfig(
+    vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+    num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5)
 
 
-class _EncoderLayer(nn.Module):
+class CLIPAttention(nn.Module):
+    """Multi-head self-attention with q_proj/k_proj/v_proj/out_proj: [B, L, C] -> [B, L, C]."""
+
+    config: CLIPTextConfig
+    attention: str = "xla"
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask):
+        cfg = self.config
+        b, length, c = x.shape
+        proj = lambda name: nn.Dense(c, dtype=self.dtype, name=name)
+        heads = lambda t: t.reshape(b, length, cfg.num_attention_heads, cfg.head_dim)
+        q, k, v = (heads(proj(n)(x)) for n in ("q_proj", "k_proj", "v_proj"))
+        out = dot_product_attention(q, k, v, mask=mask, backend=self.attention)
+        return proj("out_proj")(out.reshape(b, length, c))
+
+
+class CLIPMLP(nn.Module):
+    """fc1 -> activation -> fc2: [B, L, C] -> [B, L, C]."""
+
+    config: CLIPTextConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        h = nn.Dense(cfg.intermediate_size, dtype=self.dtype, name="fc1")(x)
+        h = _ACTIVATIONS[cfg.hidden_act](h)
+        return nn.Dense(cfg.hidden_size, dtype=self.dtype, name="fc2")(h)
+
+
+class CLIPEncoderLayer(nn.Module):
+    """Pre-norm block: x + attn(ln1(x)), then x + mlp(ln2(x)). [B, L, C] -> [B, L, C]."""
+
     config: CLIPTextConfig
     attention: str = "xla"
     dtype: jnp.dtype = jnp.float32
@@ -66,39 +127,43 @@ class _EncoderLayer(nn.Module):
     def __call__(self, x, mask):
         cfg = self.config
         h = LayerNorm(cfg.layer_norm_eps, self.dtype, name="layer_norm1")(x)
-        x = x + _SelfAttention(cfg.num_attention_heads, self.attention, self.dtype,
-                               name="self_attn")(h, mask)
+        x = x + CLIPAttention(cfg, self.attention, self.dtype, name="self_attn")(h, mask)
         h = LayerNorm(cfg.layer_norm_eps, self.dtype, name="layer_norm2")(x)
-        return x + _MLP(cfg.intermediate_size, cfg.hidden_act, self.dtype, name="mlp")(h)
+        return x + CLIPMLP(cfg, self.dtype, name="mlp")(h)
 
 
-class _SelfAttention(nn.Module):
-    heads: int
+class CLIPEncoder(nn.Module):
+    """`num_hidden_layers` encoder layers named layers_0 ... layers_{n-1}."""
+
+    config: CLIPTextConfig
     attention: str = "xla"
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, mask):
-        b, length, c = x.shape
-        proj = lambda name: nn.Dense(c, dtype=self.dtype, name=name)
-        split = lambda t: t.reshape(b, length, self.heads, c // self.heads)
-        q, k, v = (split(proj(n)(x)) for n in ("q_proj", "k_proj", "v_proj"))
-        out = dot_product_attention(q, k, v, mask=mask, backend=self.attention)
-        return proj("out_proj")(out.reshape(b, length, c))
+        for i in range(self.config.num_hidden_layers):
+            x = CLIPEncoderLayer(self.config, self.attention, self.dtype,
+                                 name=f"layers_{i}")(x, mask)
+        return x
 
 
-class _MLP(nn.Module):
-    intermediate_size: int
-    hidden_act: str
-    dtype: jnp.dtype = jnp.float32
+class CLIPTextEmbeddings(nn.Module):
+    """Token plus learned position embeddings: [B, L] -> [B, L, hidden] float32."""
+
+    config: CLIPTextConfig
 
     @nn.compact
-    def __call__(self, x):
-        h = nn.Dense(self.intermediate_size, dtype=self.dtype, name="fc1")(x)
-        return nn.Dense(x.shape[-1], dtype=self.dtype, name="fc2")(_ACTIVATIONS[self.hidden_act](h))
+    def __call__(self, input_ids):
+        cfg = self.config
+        tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, name="token_embedding")(input_ids)
+        positions = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size,
+                             name="position_embedding")(jnp.arange(input_ids.shape[1]))
+        return tokens + positions[None]
 
 
-class _TextTransformer(nn.Module):
+class CLIPTextTransformer(nn.Module):
+    """embeddings -> causal encoder -> final_layer_norm: [B, L] -> [B, L, hidden] in dtype."""
+
     config: CLIPTextConfig
     attention: str = "xla"
     dtype: jnp.dtype = jnp.float32
@@ -108,42 +173,22 @@ class _TextTransformer(nn.Module):
         cfg = self.config
         length = input_ids.shape[1]
         if length > cfg.max_position_embeddings:
-            raise ValueError(f"{length} tokens exceed max_position_embeddings "
-                             f"{cfg.max_position_embeddings}")
-        x = _Embeddings(cfg, name="embeddings")(input_ids).astype(self.dtype)
-        # Causal: token i attends to tokens 0..i (SD uses no padding mask).
+            raise ValueError(f"{length} tokens exceed the text encoder's "
+                             f"max_position_embeddings {cfg.max_position_embeddings}")
+        x = CLIPTextEmbeddings(cfg, name="embeddings")(input_ids).astype(self.dtype)
+        # Token i attends to tokens 0..i. Padding is not masked: SD conditions on
+        # all 77 positions, pads included, exactly as the PyTorch pipelines do.
         causal = jnp.tril(jnp.ones((length, length), bool))[None, None]
-        x = _Encoder(cfg, self.attention, self.dtype, name="encoder")(x, causal)
+        x = CLIPEncoder(cfg, self.attention, self.dtype, name="encoder")(x, causal)
         return LayerNorm(cfg.layer_norm_eps, self.dtype, name="final_layer_norm")(x)
 
 
-class _Encoder(nn.Module):
-    config: CLIPTextConfig
-    attention: str = "xla"
-    dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, mask):
-        for i in range(self.config.num_hidden_layers):
-            x = _EncoderLayer(self.config, self.attention, self.dtype, name=f"layers_{i}")(x, mask)
-        return x
-
-
-class _Embeddings(nn.Module):
-    """Token plus learned position embeddings: [B, L] → [B, L, hidden] float32."""
-
-    config: CLIPTextConfig
-
-    @nn.compact
-    def __call__(self, input_ids):
-        cfg = self.config
-        tok = nn.Embed(cfg.vocab_size, cfg.hidden_size, name="token_embedding")
-        pos = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, name="position_embedding")
-        return tok(input_ids) + pos(jnp.arange(input_ids.shape[1]))[None]
-
-
 class CLIPTextModel(nn.Module):
-    """`last_hidden_state` of transformers' CLIPTextModel."""
+    """transformers CLIPTextModel's `last_hidden_state`.
+
+    input_ids [B, L] int (L <= max_position_embeddings) -> [B, L, hidden] float32
+    (computed in `dtype`, returned in float32 for the UNet's cross-attention).
+    """
 
     config: CLIPTextConfig = SD2_TEXT_ENCODER
     dtype: jnp.dtype = jnp.float32
@@ -151,32 +196,47 @@ class CLIPTextModel(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids):
-        out = _TextTransformer(self.config, self.attention, self.dtype, name="text_model")(
-            jnp.asarray(input_ids, jnp.int32))
+        ids = jnp.asarray(input_ids, jnp.int32)
+        out = CLIPTextTransformer(self.config, self.attention, self.dtype,
+                                  name="text_model")(ids)
         return out.astype(jnp.float32)
 
 
 def param_shapes(config: CLIPTextConfig):
+    """The Flax param tree's shapes (ShapeDtypeStructs), without allocating weights."""
     model = CLIPTextModel(config)
     ids = jnp.zeros((1, config.max_position_embeddings), jnp.int32)
     return jax.eval_shape(lambda: model.init(jax.random.key(0), ids))["params"]
 
 
-# Tensors of a text-encoder checkpoint that the SD text encoder never uses:
+TEXT_PREFIX = "text_model."
+
+# Checkpoint tensors the SD text encoder never uses (regexes, full match):
 IGNORED_TEXT_KEYS = (
-    r"text_model\.embeddings\.position_ids",  # buffer, recomputed (arange)
-    r"text_projection\.weight",               # CLIPTextModelWithProjection / CLIPModel head
-    r"logit_scale",                           # CLIPModel contrastive temperature
+    # arange(77) buffer; persistent in transformers < 4.31, so the released SD2
+    # files carry it. The model recomputes it.
+    r"(text_model\.)?embeddings\.position_ids",
+    # CLIPTextModelWithProjection's / CLIPModel's projection to the joint space.
+    r"text_projection\.weight",
+    # CLIPModel's contrastive temperature.
+    r"logit_scale",
 )
 
 
 def load_clip_text(state: dict[str, np.ndarray], config: CLIPTextConfig, *,
                    what: str = "text encoder checkpoint"):
-    """A transformers CLIPTextModel state dict (with or without the `text_model.`
-    prefix; transformers 5 saves it without) → Flax params. Strict."""
+    """transformers CLIPTextModel state dict -> Flax params {"text_model": ...}. Strict.
+
+    Accepts both layouts found in the wild: keys with the `text_model.` prefix
+    (the released SD2 files, transformers 4, CLIPTextModelWithProjection) and
+    without it (what transformers 5 saves for CLIPTextModel). Errors name the
+    keys as they appear in `state`.
+    Raises: jaxsr.convert.tree.ConversionError on any missing, unknown or misshaped key.
+    """
     from jaxsr.convert.tree import torch_to_flax
 
-    prefixed = {(k if k.startswith("text_model.") or k in ("text_projection.weight",
-                                                            "logit_scale")
-                 else "text_model." + k): v for k, v in state.items()}
-    return torch_to_flax(prefixed, param_shapes(config), what=what, ignore=IGNORED_TEXT_KEYS)
+    shapes = param_shapes(config)
+    if any(k.startswith(TEXT_PREFIX) for k in state):
+        return torch_to_flax(state, shapes, what=what, ignore=IGNORED_TEXT_KEYS)
+    inner = torch_to_flax(state, shapes["text_model"], what=what, ignore=IGNORED_TEXT_KEYS)
+    return {"text_model": inner}
