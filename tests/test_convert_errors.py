@@ -7,12 +7,14 @@ import numpy as np
 import pytest
 import torch
 
+from jaxsr.convert import ldm
 from jaxsr.convert.ldm import split_single_file
-from jaxsr.convert.readers import CheckpointReadError, read_state_dict
+from jaxsr.convert.readers import CheckpointReadError, _read_safetensors_raw, read_state_dict
 from jaxsr.convert.safetensors_io import write_safetensors
-from jaxsr.convert.sd2 import load_sd2
+from jaxsr.convert.sd2 import load_sd2, rename_legacy_vae
 from jaxsr.convert.tree import ConversionError
 from jaxsr.models.unet import UNetConfig, load_unet
+from tests.keylists import read_listing
 from tests.test_unet import TINY
 
 
@@ -79,7 +81,7 @@ def test_pickle_with_arbitrary_object_is_refused(tmp_path):
     victim = tmp_path / "pwned.txt"
     path = tmp_path / "evil.bin"
     with open(path, "wb") as f:
-        pickle.dump({"weight": _Payload(str(victim))}, f)
+        pickle.dump({"weight": _Payload(str(victim))}, f, protocol=2)
     with pytest.raises(CheckpointReadError, match="evil.bin: refused"):
         read_state_dict(path)
     assert not victim.exists()
@@ -99,11 +101,41 @@ def test_truncated_safetensors_is_named(tmp_path):
     path = tmp_path / "model.safetensors"
     write_safetensors(path, {"w": np.ones((64, 64), np.float32)})
     path.write_bytes(path.read_bytes()[:-100])
-    with pytest.raises(CheckpointReadError, match=r"model\.safetensors: truncated"):
+    with pytest.raises(CheckpointReadError, match=r"model\.safetensors: .*truncated"):
         read_state_dict(path)
     path.write_bytes(b"\x05\x00")
-    with pytest.raises(CheckpointReadError, match="not a readable safetensors"):
+    with pytest.raises(CheckpointReadError, match=r"model\.safetensors: not a readable"):
         read_state_dict(path)
+
+
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_truncated_pickle_is_named(tmp_path, zip_format):
+    path = tmp_path / "unet.bin"
+    torch.save({"w": torch.ones(4096)}, path, _use_new_zipfile_serialization=zip_format)
+    path.write_bytes(path.read_bytes()[:-3000])
+    with pytest.raises(CheckpointReadError, match=r"unet\.bin: .*damaged"):
+        read_state_dict(path)
+
+
+def test_pickle_without_tensors_is_refused(tmp_path):
+    path = tmp_path / "list.pt"
+    torch.save([torch.ones(2)], path)
+    with pytest.raises(CheckpointReadError, match=r"list\.pt: expected a dict of tensors"):
+        read_state_dict(path)
+
+
+def test_sharded_index_names_a_missing_shard(tmp_path):
+    write_safetensors(tmp_path / "m-1.safetensors", {"a": np.ones(2, np.float32)})
+    index = tmp_path / "m.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"a": "m-1.safetensors", "b": "m-2.safetensors"}}))
+    with pytest.raises(FileNotFoundError, match=r"m-2\.safetensors .*is missing"):
+        read_state_dict(index)
+    write_safetensors(tmp_path / "m-2.safetensors", {"c": np.ones(2, np.float32)})
+    with pytest.raises(CheckpointReadError, match=r"shards lack 1 indexed tensors.*'b'"):
+        read_state_dict(index)
+    write_safetensors(tmp_path / "m-2.safetensors", {"b": np.zeros(3, np.float16)})
+    state = read_state_dict(index)
+    assert set(state) == {"a", "b"} and state["b"].dtype == np.float16
 
 
 def test_safetensors_round_trip_with_bfloat16(tmp_path):
@@ -117,6 +149,11 @@ def test_safetensors_round_trip_with_bfloat16(tmp_path):
     for k, v in arrays.items():
         assert back[k].dtype == v.dtype
         np.testing.assert_array_equal(back[k], v)
+    # The raw-bytes fallback (for safetensors releases without numpy bfloat16) agrees.
+    raw = _read_safetensors_raw(tmp_path / "t.safetensors")
+    for k, v in arrays.items():
+        assert raw[k].dtype == v.dtype
+        np.testing.assert_array_equal(raw[k], v)
     # The reference implementation reads our file (it rejects bf16 in numpy, so
     # check the other tensors there).
     plain = {k: v for k, v in arrays.items() if k != "b"}
@@ -151,7 +188,48 @@ def test_single_file_with_foreign_keys_is_refused():
     state = {"model.diffusion_model.input_blocks.0.0.weight": np.zeros((4, 4, 3, 3)),
              "model.diffusion_model.weird.0.weight": np.zeros(3),
              "some_other_model.weight": np.zeros(3)}
-    with pytest.raises(KeyError) as e:
+    with pytest.raises(ConversionError) as e:
+        split_single_file(state, what="v2.ckpt")
+    assert e.value.unexpected == ["model.diffusion_model.weird.0.weight",
+                                  "some_other_model.weight"]
+    assert str(e.value).startswith("v2.ckpt (SD 2.x single-file layout) does not match")
+
+
+def test_surplus_text_blocks_are_refused():
+    """Only the block right after the used ones is the documented unused one; a text
+    config with fewer layers than the file leaves the rest as unexpected keys."""
+    from jaxsr.models.clip_text import CLIPTextConfig, load_clip_text
+
+    state = {k: np.broadcast_to(np.float32(0), s)
+             for k, s in read_listing("sd21_ldm_single_file.tsv").items()}
+    assert len(split_single_file(state, text_layers=23)["text_encoder"]) == 372
+    text = split_single_file(state, text_layers=22)["text_encoder"]
+    with pytest.raises(ConversionError) as e:
+        load_clip_text(text, CLIPTextConfig(num_hidden_layers=22))
+    assert len(e.value.unexpected) == 16 and not e.value.missing
+    assert "text_model.encoder.layers.23.self_attn.q_proj.weight" in e.value.unexpected
+
+
+def test_single_file_keys_that_collide_are_refused(monkeypatch):
+    state = {"model.diffusion_model.input_blocks.1.0.in_layers.0.weight": np.zeros(3),
+             "model.diffusion_model.input_blocks.2.0.in_layers.0.weight": np.zeros(3)}
+    assert len(split_single_file(state)["unet"]) == 2
+    monkeypatch.setattr(ldm, "unet_key", lambda key, lpb: "conv_in.weight")
+    with pytest.raises(ValueError, match="input_blocks.1.0.in_layers.0.weight and "
+                                         "model.diffusion_model.input_blocks.2.0"):
         split_single_file(state)
-    assert "model.diffusion_model.weird.0.weight" in str(e.value)
-    assert "some_other_model.weight" in str(e.value)
+
+
+def test_legacy_and_current_vae_names_together_are_refused():
+    state = {"encoder.mid_block.attentions.0.to_q.bias": np.zeros(2),
+             "encoder.mid_block.attentions.0.query.bias": np.zeros(2)}
+    with pytest.raises(ValueError, match="encoder.mid_block.attentions.0.to_q.bias"):
+        rename_legacy_vae(state)
+
+
+def test_diffusers_file_passed_as_single_file_is_explained(tmp_path):
+    path = tmp_path / "diffusion_pytorch_model.safetensors"
+    write_safetensors(path, {"conv_in.weight": np.zeros((4, 4, 3, 3), np.float32)})
+    with pytest.raises(ValueError, match=r"diffusion_pytorch_model\.safetensors: not an SD 2.x "
+                                         r"single-file .*pipeline folder"):
+        load_sd2(path)

@@ -2,7 +2,7 @@
 
     DIR/manifest.json        format version, jaxsr version, storage dtype, per-module
                              config and parameter count, and every source file with
-                             its size and sha256 (so a changed source is detected)
+                             its size, mtime and sha256 (so a changed source is detected)
     DIR/<module>.safetensors Flax params, keys "down_blocks_0/resnets_0/conv1/kernel"
     DIR/tokenizer/           copied from the source, when it has one
 
@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import ml_dtypes
@@ -34,6 +35,10 @@ class StaleWeightsError(ValueError):
     """The source checkpoint changed since the folder was converted."""
 
 
+class StaleWeightsWarning(UserWarning):
+    """The source checkpoint changed since the folder was converted."""
+
+
 def sha256(path: Path, chunk: int = 1 << 24) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -43,8 +48,14 @@ def sha256(path: Path, chunk: int = 1 << 24) -> str:
 
 
 def describe_sources(paths) -> list[dict]:
-    return [{"path": str(Path(p).resolve()), "size": Path(p).stat().st_size,
-             "sha256": sha256(Path(p))} for p in paths]
+    """Path, size, modification time and sha256 of each source file."""
+    out = []
+    for p in paths:
+        p = Path(p).resolve()
+        st = p.stat()
+        out.append({"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                    "sha256": sha256(p)})
+    return out
 
 
 def save_converted(out_dir, modules: dict[str, tuple[dict, dict]], *, sources,
@@ -62,7 +73,7 @@ def save_converted(out_dir, modules: dict[str, tuple[dict, dict]], *, sources,
     entries = {}
     for name, (config, params) in modules.items():
         flat = traverse_util.flatten_dict(params, sep="/")
-        arrays = {k: np.asarray(v).astype(_DTYPES[dtype]) for k, v in flat.items()}
+        arrays = {k: np.asarray(v).astype(_DTYPES[dtype], copy=False) for k, v in flat.items()}
         write_safetensors(out / f"{name}.safetensors", arrays)
         entries[name] = {"file": f"{name}.safetensors", "config": config,
                          "parameters": int(sum(a.size for a in arrays.values()))}
@@ -84,23 +95,37 @@ def read_manifest(folder) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{folder} is not a jaxsr weights folder (no manifest.json; "
                                 "create one with `jaxsr convert`, or it was interrupted)")
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path} is damaged ({e}); run `jaxsr convert` again") from None
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise ValueError(f"{path}: unsupported weights format {manifest.get('format')!r} "
                          f"version {manifest.get('version')!r}")
     return manifest
 
 
-def load_converted(folder, modules=None, *, check_sources: bool = False) -> dict:
+def load_converted(folder, modules=None, *, check_sources: str = "warn") -> dict:
     """{name: (config dict, Flax params as numpy)} for the requested modules (default all).
 
-    `check_sources` re-hashes the source files still present and raises
-    StaleWeightsError if one changed since conversion.
+    Only reads the stored arrays (in the dtype they were saved in): no torch, no renames.
+    check_sources: what to do if a source file still present changed since conversion
+      (size or mtime differ and then the sha256 too; an unchanged stat costs no hashing):
+      "warn" (StaleWeightsWarning), "raise" (StaleWeightsError) or "ignore".
     """
+    if check_sources not in ("warn", "raise", "ignore"):
+        raise ValueError(f"check_sources must be 'warn', 'raise' or 'ignore', not "
+                         f"{check_sources!r}")
     folder = Path(folder)
     manifest = read_manifest(folder)
-    if check_sources:
-        stale_sources(manifest, raise_error=True)
+    if check_sources != "ignore":
+        stale = stale_sources(manifest)
+        if stale:
+            msg = (f"{folder} was converted from files that changed since: {', '.join(stale)}; "
+                   "run `jaxsr convert` again")
+            if check_sources == "raise":
+                raise StaleWeightsError(msg)
+            warnings.warn(msg, StaleWeightsWarning, stacklevel=2)
     names = list(manifest["modules"]) if modules is None else list(modules)
     out = {}
     for name in names:
@@ -114,14 +139,21 @@ def load_converted(folder, modules=None, *, check_sources: bool = False) -> dict
     return out
 
 
-def stale_sources(manifest: dict, *, raise_error: bool = False) -> list[str]:
-    """Source files whose size or hash differ from the manifest (missing ones are skipped)."""
+def stale_sources(manifest: dict, *, full: bool = False) -> list[str]:
+    """Source files that changed since conversion. Files that are gone are not
+    reported (converted folders are meant to outlive their sources).
+
+    full=False trusts an unchanged (size, mtime) and hashes only files whose stat
+    changed (a touched but identical file is not stale); full=True hashes them all.
+    """
     stale = []
     for src in manifest["sources"]:
         p = Path(src["path"])
-        if p.exists() and (p.stat().st_size != src["size"] or sha256(p) != src["sha256"]):
+        if not p.is_file():
+            continue
+        st = p.stat()
+        if st.st_size != src["size"]:
             stale.append(str(p))
-    if stale and raise_error:
-        raise StaleWeightsError("source checkpoints changed since conversion: "
-                                + ", ".join(stale) + "; run `jaxsr convert` again")
+        elif (full or st.st_mtime_ns != src.get("mtime_ns")) and sha256(p) != src["sha256"]:
+            stale.append(str(p))
     return stale

@@ -1,4 +1,14 @@
-"""Flax params -> a diffusers-layout folder that PyTorch tools load (`from_pretrained`)."""
+"""Flax params -> a diffusers-layout folder that PyTorch tools load (`from_pretrained`).
+
+    OUT/model_index.json                                  (with a UNet, VAE and text encoder)
+    OUT/unet/{config.json, diffusion_pytorch_model.safetensors}
+    OUT/vae/{config.json, diffusion_pytorch_model.safetensors}
+    OUT/text_encoder/{config.json, model.safetensors}
+    OUT/controlnet/..., OUT/tokenizer/..., OUT/scheduler/scheduler_config.json
+
+Weights are written exactly as held (float32 params stay float32), so
+load_sd2(export_diffusers(...)) gives back the same params bit for bit.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +16,16 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
-
 from jaxsr.convert.safetensors_io import write_safetensors
 from jaxsr.convert.tree import flax_to_torch
+
+_DIFFUSERS_VERSION = "0.42.1"    # the release the written configs were checked against
 
 
 def _write_module(folder: Path, weights_name: str, params, config: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: np.asarray(v) for k, v in flax_to_torch(params).items()}
-    write_safetensors(folder / weights_name, state, metadata={"format": "pt"})
+    # "format": "pt" is what transformers' safetensors loader expects in the metadata.
+    write_safetensors(folder / weights_name, flax_to_torch(params), metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(config, indent=2))
 
 
@@ -23,14 +33,21 @@ def export_diffusers(out_dir, *, unet=None, vae=None, text_encoder=None, control
                      tokenizer_dir=None, scheduler_config: dict | None = None) -> Path:
     """Write each given (config, params) pair in the diffusers/transformers layout.
 
-    unet / controlnet: diffusers UNet2DConditionModel / ControlNetModel folders;
-    vae: AutoencoderKL; text_encoder: transformers CLIPTextModel (released SD2 naming,
-    `text_model.` prefix). With a UNet, VAE and text encoder a `model_index.json`
-    makes the folder a loadable pipeline.
+    Args:
+      unet / controlnet: (UNetConfig / ControlNet config, params) -> diffusers
+        UNet2DConditionModel / ControlNetModel folders (configs' `to_diffusers_config`).
+      vae: (VAEConfig, params) -> AutoencoderKL.
+      text_encoder: (CLIPTextConfig, params) -> transformers CLIPTextModel
+        (`to_hf_config`; keys with the `text_model.` prefix, as the released SD2 files).
+      tokenizer_dir: a tokenizer folder to copy in.
+      scheduler_config: written to scheduler/scheduler_config.json.
+    With a UNet, VAE and text encoder, a `model_index.json` makes OUT a pipeline
+    folder (`load_sd2` reads it back).
+    Returns: the output folder.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1"}
+    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": _DIFFUSERS_VERSION}
     if unet is not None:
         _write_module(out / "unet", "diffusion_pytorch_model.safetensors", unet[1],
                       unet[0].to_diffusers_config())

@@ -1,22 +1,31 @@
-"""Checkpoint files -> {name: numpy array}, without importing torch for safetensors.
+"""Checkpoint files -> {name: numpy array}, dtypes exactly as stored.
 
-    .safetensors                 parsed here (header + memory map); bf16 via ml_dtypes
+    .safetensors                 safetensors' own reader (framework "np"), no torch
     *.safetensors.index.json     sharded diffusers/transformers checkpoints
     .bin .pth .pt .ckpt          PyTorch pickles, only through
                                  torch.load(weights_only=True): a pickle that carries
                                  anything but tensors and plain containers is refused
+
+bfloat16: numpy has no bfloat16 of its own. safetensors builds numpy arrays by dtype
+*name*, and "bfloat16" becomes a numpy dtype name once `ml_dtypes` (a jax
+dependency) is imported, which this module does first. bf16 tensors therefore come
+back as `ml_dtypes.bfloat16` arrays (jax reads them without a copy). Releases of
+safetensors that still refuse the name get the same result through
+`safetensors.deserialize` (raw bytes + the format's dtype code).
 """
 
 from __future__ import annotations
 
 import json
-import struct
+import pickle
 from pathlib import Path
 
-import ml_dtypes
+import ml_dtypes  # noqa: F401 - registers numpy's "bfloat16" dtype name for safetensors
 import numpy as np
+import safetensors
 
 PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt")
+# safetensors dtype codes -> numpy, for the raw-bytes fallback
 _SAFETENSORS_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
@@ -29,64 +38,75 @@ class CheckpointReadError(ValueError):
 
 
 def read_state_dict(path, *, unwrap: tuple[str, ...] = ("state_dict", "model")) -> dict:
-    """Read every tensor of a checkpoint file as numpy (dtype as stored).
+    """Read every tensor of a checkpoint file as numpy (dtype as stored, no casts).
 
-    A pickled dict whose tensors sit under one of `unwrap` (Lightning's
-    "state_dict", RAM's "model") is unwrapped; other top-level entries are dropped.
+    Args:
+      path: a .safetensors file, a sharded `*.safetensors.index.json`, or a PyTorch
+        pickle (.bin/.pth/.pt/.ckpt).
+      unwrap: for pickles, top-level keys whose dict holds the tensors (Lightning's
+        "state_dict", RAM's "model"); the first present is used and the other
+        top-level entries (optimizer state, epoch, ...) are dropped. () keeps the
+        top level as is.
+    Raises:
+      FileNotFoundError if `path` does not exist; CheckpointReadError (naming the
+      file) if it is damaged, of an unknown kind, or an unsafe pickle.
     """
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    name = path.name
-    if name.endswith(".safetensors.index.json"):
+    if path.name.endswith(".safetensors.index.json"):
         return _read_sharded(path)
     if path.suffix == ".safetensors":
         return read_safetensors(path)
     if path.suffix in PICKLE_SUFFIXES:
         return _read_pickle(path, unwrap)
     raise CheckpointReadError(f"{path}: unknown checkpoint kind (expected .safetensors, "
-                              f"a sharded index .json or one of {PICKLE_SUFFIXES})")
+                              f"a sharded *.safetensors.index.json or one of "
+                              f"{', '.join(PICKLE_SUFFIXES)})")
 
 
 def read_safetensors(path) -> dict:
-    """Parse the safetensors format: u64 header length, JSON header, raw little-endian data."""
+    """All tensors of one .safetensors file. The library validates the header and
+    the byte ranges, so truncated or overlapping files are caught here."""
     path = Path(path)
-    size = path.stat().st_size
     try:
-        with open(path, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            if header_len > size - 8:
-                raise ValueError("header longer than the file")
-            header = json.loads(f.read(header_len))
-    except (struct.error, ValueError, UnicodeDecodeError) as e:
+        with safetensors.safe_open(str(path), framework="np") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}
+    except safetensors.SafetensorError as e:
+        raise CheckpointReadError(f"{path}: not a readable safetensors file, damaged or "
+                                  f"truncated ({e})") from None
+    except TypeError as e:
+        if "bfloat16" not in str(e):
+            raise
+    return _read_safetensors_raw(path)
+
+
+def _read_safetensors_raw(path: Path) -> dict:
+    """Fallback for safetensors releases that cannot name bfloat16 for numpy."""
+    try:
+        entries = safetensors.deserialize(path.read_bytes())
+    except safetensors.SafetensorError as e:
         raise CheckpointReadError(f"{path}: not a readable safetensors file ({e})") from None
-    data_start = 8 + header_len
-    header.pop("__metadata__", None)
-    if not header:
-        return {}
-    end = max(int(info["data_offsets"][1]) for info in header.values())
-    if data_start + end > size:
-        raise CheckpointReadError(f"{path}: truncated ({size} bytes, the header promises "
-                                  f"{data_start + end})")
-    buf = np.memmap(path, dtype=np.uint8, mode="r", offset=data_start, shape=(end,))
     out = {}
-    for key, info in header.items():
+    for key, info in entries:
         dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
         if dtype is None:
             raise CheckpointReadError(f"{path}: tensor {key} has unsupported dtype {info['dtype']}")
-        lo, hi = (int(o) for o in info["data_offsets"])
-        out[key] = buf[lo:hi].view(dtype).reshape(info["shape"])
+        out[key] = np.frombuffer(info["data"], dtype=dtype).reshape(info["shape"])
     return out
 
 
 def _read_sharded(index_path: Path) -> dict:
     try:
         weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (ValueError, KeyError) as e:
-        raise CheckpointReadError(f"{index_path}: not a sharded-checkpoint index ({e})") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointReadError(f"{index_path}: not a sharded-checkpoint index ({e!r})") from None
     out = {}
     for shard in sorted(set(weight_map.values())):
-        tensors = read_state_dict(index_path.parent / shard)
+        shard_path = index_path.parent / shard
+        if not shard_path.is_file():
+            raise FileNotFoundError(f"{shard_path} (a shard listed in {index_path}) is missing")
+        tensors = read_state_dict(shard_path)
         out.update({k: v for k, v in tensors.items() if weight_map.get(k) == shard})
     missing = sorted(set(weight_map) - set(out))
     if missing:
@@ -103,15 +123,19 @@ def _read_pickle(path: Path, unwrap) -> dict:
             f"{path} is a PyTorch pickle; reading it needs torch (pip install torch, the CPU "
             "build is enough) or convert it to .safetensors first") from None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
-    except Exception as e:  # noqa: BLE001 - torch raises many kinds for bad pickles
-        kind = type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # weights_only's unpickler raises this for any global outside its allow-list
+        # (the object is never constructed); a damaged legacy pickle raises it too.
+        if "weights_only" in str(e) or "Unsupported" in str(e):
             raise CheckpointReadError(
-                f"{path}: refused, the pickle holds objects other than tensors ({kind}); "
-                "jaxsr only loads pickles with torch.load(weights_only=True)") from None
-        raise CheckpointReadError(f"{path}: cannot be read as a PyTorch checkpoint "
-                                  f"({kind}: {e})") from None
+                f"{path}: refused, the pickle holds objects other than tensors and plain "
+                "containers; jaxsr only loads pickles with torch.load(weights_only=True). "
+                "If you trust the file, re-save its tensors with safetensors.") from None
+        raise CheckpointReadError(f"{path}: damaged PyTorch pickle ({e})") from None
+    except Exception as e:  # noqa: BLE001 - truncated zips, bad magic, EOF: all "damaged"
+        raise CheckpointReadError(f"{path}: cannot be read as a PyTorch checkpoint, damaged "
+                                  f"or truncated ({type(e).__name__}: {e})") from None
     if isinstance(obj, dict):
         for key in unwrap:
             if isinstance(obj.get(key), dict):
@@ -119,17 +143,14 @@ def _read_pickle(path: Path, unwrap) -> dict:
                 break
     if not isinstance(obj, dict):
         raise CheckpointReadError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
-    out = {}
-    for key, value in obj.items():
-        if isinstance(value, torch.Tensor):
-            out[key] = _tensor_to_numpy(value)
-    return out
+    return {key: _tensor_to_numpy(value) for key, value in obj.items()
+            if isinstance(value, torch.Tensor)}
 
 
-def _tensor_to_numpy(t):
+def _tensor_to_numpy(t) -> np.ndarray:
     import torch
 
     t = t.detach().cpu().contiguous()
-    if t.dtype == torch.bfloat16:
+    if t.dtype == torch.bfloat16:   # torch cannot export bf16 to numpy: reinterpret the bits
         return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     return t.numpy()

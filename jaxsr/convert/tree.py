@@ -163,5 +163,5 @@ def flax_to_torch(params) -> dict[str, np.ndarray]:
     out = {}
     for path, value in traverse_util.flatten_dict(params).items():
         key = path_to_torch_key(path[:-1]) + "." + _torch_leaf_name(path[-1])
-        out[key] = np.ascontiguousarray(_to_torch_layout(path[-1], np.asarray(value)))
+        out[key] = np.asarray(_to_torch_layout(path[-1], np.asarray(value)), order="C")
     return out
