@@ -21,6 +21,15 @@ def register(sub) -> None:
     p.add_argument("--sd", required=True, type=Path,
                    help="Stable Diffusion 2 base: a diffusers folder or a single-file "
                         ".ckpt/.safetensors")
+    p.add_argument("--seesr", type=Path,
+                   help="SeeSR release folder with unet/ and controlnet/ (needs --ram)")
+    p.add_argument("--ram", type=Path, help="RAM checkpoint ram_swin_large_14m.pth")
+    p.add_argument("--dape", type=Path, help="DAPE LoRA checkpoint DAPE.pth")
+    p.add_argument("--tags", type=Path,
+                   help="RAM tag list (default: ram_tag_list.txt beside --ram)")
+    p.add_argument("--thresholds", type=Path,
+                   help="RAM per-class thresholds (default: ram_tag_list_threshold.txt "
+                        "beside --ram)")
     p.add_argument("--output", required=True, type=Path, help="folder to write")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="storage dtype of the converted weights (default float32)")
@@ -42,6 +51,8 @@ def run(args) -> int:
     out: Path = args.output
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    if args.seesr is not None or args.ram is not None or args.dape is not None:
+        return _run_seesr(args)
     weights = load_sd2(args.sd)
     modules = sd2_modules(weights)
     save_converted(out, modules, sources=weights.sources, dtype=args.dtype,
@@ -53,4 +64,20 @@ def run(args) -> int:
     if weights.tokenizer_dir is None:
         print("  note: the source has no tokenizer/ folder; pass one to the pipelines")
     sys.stdout.flush()
+    return 0
+
+
+def _run_seesr(args) -> int:
+    from jaxsr.convert.cache import read_manifest
+    from jaxsr.convert.seesr_weights import convert_seesr
+
+    if args.seesr is None or args.ram is None:
+        raise ValueError("SeeSR needs --seesr (unet/ and controlnet/) and --ram (the RAM "
+                         "checkpoint DAPE's LoRA applies to); --dape adds the LoRA")
+    out = convert_seesr(sd=args.sd, seesr=args.seesr, ram=args.ram, dape=args.dape,
+                        output=args.output, tags=args.tags, thresholds=args.thresholds,
+                        dtype=args.dtype)
+    print(f"converted SeeSR -> {out}")
+    for name, entry in read_manifest(out)["modules"].items():
+        print(f"  {name:<14} {entry['parameters']:>13,d} parameters  ({args.dtype})")
     return 0
