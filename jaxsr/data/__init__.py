@@ -1,0 +1,1 @@
+"""Host-side image input/output, resizing that matches the reference stacks, degradations."""
