@@ -53,6 +53,29 @@ def test_unet_matches_diffusers(tiny_unet):
     assert rel_err(nhwc_to_nchw(got), want) <= 1e-5
 
 
+def test_unet_odd_latent_sizes_match_diffusers(tiny_unet):
+    """SeeSR crops images only to multiples of 8 px, so latents like 20×12 reach the UNet:
+    diffusers then upsamples to each skip's size (20→10→5→3 comes back 3→5→10→20)."""
+    ref, cfg, params = tiny_unet
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((1, cfg.in_channels, 20, 12)).astype(np.float32)
+    t = np.array([500], np.int64)
+    ctx = rng.standard_normal((1, 7, cfg.cross_attention_dim)).astype(np.float32)
+    with torch.no_grad():
+        want = ref(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(ctx)).sample.numpy()
+    got = UNet2DConditionModel(cfg).apply({"params": params}, nchw_to_nhwc(x), t, ctx)
+    assert rel_err(nhwc_to_nchw(got), want) <= 1e-5
+
+
+def test_nearest_indices_match_torch():
+    from jaxsr.nn.resnet import nearest_indices
+
+    for n_in, n_out in ((3, 5), (5, 10), (7, 13), (13, 25), (25, 50), (4, 8)):
+        probe = torch.arange(n_in, dtype=torch.float32)[None, None, :, None]
+        want = torch.nn.functional.interpolate(probe, size=(n_out, 1), mode="nearest")
+        np.testing.assert_array_equal(nearest_indices(n_in, n_out), want[0, 0, :, 0].long())
+
+
 def test_unet_with_additional_residuals_matches_diffusers(tiny_unet):
     ref, cfg, params = tiny_unet
     x, t, ctx = _inputs(cfg, seed=2)

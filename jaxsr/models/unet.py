@@ -180,12 +180,12 @@ class UpBlock(_Block):
     add_upsample: bool = True
 
     @nn.compact
-    def __call__(self, h, skips, temb, ctx, img_ctx):
+    def __call__(self, h, skips, temb, ctx, img_ctx, upsample_size=None):
         for j, skip in enumerate(skips):
             h = jnp.concatenate([h, skip], axis=-1)
             h = self.attend(self.resnet(f"resnets_{j}")(h, temb), j, ctx, img_ctx)
         if self.add_upsample:
-            h = Upsample2D(self.channels, dtype=self.dtype, name="upsamplers_0")(h)
+            h = Upsample2D(self.channels, dtype=self.dtype, name="upsamplers_0")(h, upsample_size)
         return h
 
 
@@ -241,10 +241,12 @@ class UNet2DConditionModel(nn.Module):
         n = cfg.layers_per_block + 1
         for i in range(levels):
             layer_skips, skips = skips[-n:][::-1], skips[:-n]
+            # The next skip's size, so odd sizes on the way down come back exactly.
+            up_size = tuple(skips[-1].shape[1:3]) if skips else None
             h = UpBlock(channels=rev_chans[i], heads=rev_heads[i],
                         with_attention=cfg.up_block_types[i] == "CrossAttnUpBlock2D",
                         add_upsample=i < levels - 1, name=f"up_blocks_{i}",
-                        **block)(h, layer_skips, temb, ctx, img_ctx)
+                        **block)(h, layer_skips, temb, ctx, img_ctx, up_size)
 
         h = GroupNorm(cfg.norm_num_groups, cfg.norm_eps, dt, name="conv_norm_out")(h)
         h = conv(cfg.out_channels, "conv_out", dtype=dt)(nn.silu(h))

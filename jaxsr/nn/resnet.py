@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxsr.nn.layers import GroupNorm, conv
 
@@ -50,14 +50,37 @@ class Downsample2D(nn.Module):
         return conv(self.out_channels, "conv", stride=2, padding=1, dtype=self.dtype)(x)
 
 
+def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
+    """Source rows of PyTorch's `F.interpolate(mode="nearest")`: floor(i·in/out).
+
+    (jax.image.resize's "nearest" samples pixel centres, floor((i+½)·in/out), which
+    differs whenever out is not a multiple of in.) The scale is a float32 product
+    as in PyTorch's kernel.
+    """
+    scale = np.float32(in_size) / np.float32(out_size)
+    idx = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64)
+    return np.minimum(idx, in_size - 1)
+
+
 class Upsample2D(nn.Module):
-    """Nearest-neighbour ×2, then a 3×3 conv."""
+    """Nearest-neighbour upsampling, then a 3×3 conv.
+
+    x [B, h, w, C] -> [B, H, W, out_channels] with (H, W) = `output_size`, default
+    (2h, 2w). The UNet passes the size of the skip it is about to meet, as diffusers
+    does when a latent side is not a multiple of 2^(levels-1) (e.g. 50 -> 25 -> 13 -> 7
+    comes back up as 7 -> 13 -> 25 -> 50).
+    """
 
     out_channels: int
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, output_size: tuple[int, int] | None = None):
         b, h, w, c = x.shape
-        x = jax.image.resize(x, (b, 2 * h, 2 * w, c), method="nearest")
+        oh, ow = output_size if output_size is not None else (2 * h, 2 * w)
+        if (oh, ow) == (2 * h, 2 * w):
+            x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        else:
+            x = jnp.take(x, jnp.asarray(nearest_indices(h, oh)), axis=1)
+            x = jnp.take(x, jnp.asarray(nearest_indices(w, ow)), axis=2)
         return conv(self.out_channels, "conv", dtype=self.dtype)(x)
