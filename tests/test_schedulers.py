@@ -31,6 +31,7 @@ from jaxsr.diffusion.respace import (
     respaced_tables,
     space_timesteps,
 )
+from jaxsr.diffusion.samplers import make_sampler, sampler_init, sampler_step
 from jaxsr.diffusion.schedule import (
     SchedulerConfig,
     add_noise,
@@ -445,3 +446,67 @@ def test_jitted_fori_loops_equal_python_loops():
     }
     print("jit fori_loop vs python loop rel err:", {k: f"{v:.1e}" for k, v in errors.items()})
     assert max(errors.values()) <= 1e-6, errors
+
+
+# --------------------------------------------------------------------------- one interface
+
+
+def _diffusers_loop(kind, config, num_steps, eta, noises):
+    """x after every step of diffusers' own scheduler class for `kind`."""
+    cls = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpmpp": DPMSolverMultistepScheduler}
+    ref = cls[kind].from_config(config)
+    ref.set_timesteps(num_steps)
+    x, out = start_latent(), []
+    for i, t in enumerate(ref.timesteps.tolist()):
+        eps, xt = torch.from_numpy(toy_model(x, t)), torch.from_numpy(x)
+        if kind == "ddim":
+            kwargs = {"variance_noise": torch.from_numpy(noises[i])} if eta > 0 else {}
+            x = ref.step(eps, t, xt, eta=eta, **kwargs).prev_sample.numpy()
+        else:
+            x = ref.step(eps, t, xt).prev_sample.numpy()
+        out.append(x)
+    return ref.timesteps.numpy(), out
+
+
+@pytest.mark.parametrize("kind,num_steps,eta,spacing", [
+    ("ddpm", 20, 0.0, None),
+    ("ddim", 10, 0.7, None),
+    ("dpmpp", 8, 0.0, None),
+    ("ddpm", 2, 0.0, "trailing"),        # sd-turbo's spacing
+])
+def test_sampler_interface_in_fori_loop_matches_diffusers(kind, num_steps, eta, spacing):
+    """make_sampler + sampler_step, run the way the pipeline runs them (the plan as a jit
+    argument, the step index traced inside lax.fori_loop), against diffusers' loop."""
+    config = dict(SD2_BASE) if spacing is None else {**SD2_BASE, "timestep_spacing": spacing}
+    plan = make_sampler(kind, SD2_BASE, num_steps, eta=eta, timestep_spacing=spacing)
+    if kind == "ddpm":             # DDPMScheduler draws its own noise: replay its draws
+        ref = DDPMScheduler.from_config(config)
+        ref.set_timesteps(num_steps)
+        timesteps = ref.timesteps.numpy()
+        noises = replay_step_noise(timesteps.tolist(), seed=3)
+        want = diffusers_ddpm_run(ref, start_latent(), seed=3)
+    else:
+        noises = list(step_noises(num_steps))
+        timesteps, want = _diffusers_loop(kind, config, num_steps, eta, noises)
+    np.testing.assert_array_equal(plan.timesteps, timesteps)
+    assert plan.needs_noise == (kind == "ddpm" or eta > 0)
+
+    @jax.jit
+    def run(plan, x, noises):
+        def body(i, carry):
+            state, x, trail = carry
+            eps = toy_model_jax(x, plan.timesteps[i])
+            state, x = sampler_step(plan, state, i, x, eps, noises[i])
+            return state, x, trail.at[i].set(x)
+        trail = jnp.zeros((plan.num_steps, *x.shape), x.dtype)
+        return jax.lax.fori_loop(0, plan.num_steps, body, (sampler_init(plan, x), x, trail))[2]
+
+    got = run(plan, jnp.asarray(start_latent()), jnp.asarray(np.stack(noises)))
+    assert_trajectories_close(list(np.asarray(got)), want, f"{kind} via make_sampler")
+
+
+def test_make_sampler_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="unknown sampler 'euler'"):
+        make_sampler("euler", SD2_BASE, 10)
+    with pytest.raises(ValueError, match="at least one sampling step"):
+        make_sampler("ddpm", SD2_BASE, 0)
