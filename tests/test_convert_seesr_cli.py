@@ -18,6 +18,7 @@ from jaxsr.convert.seesr_weights import load_seesr_folder
 from jaxsr.models.tags import load_tag_list, load_thresholds
 from tests import seesr_reference as ref_lib
 from tests.sd2_fixtures import build_tiny_sd2, save_diffusers_folder
+from tests.test_clip_text import write_tiny_tokenizer
 from tests.test_ram_convert import LORA_LISTING, RAM_LISTING, random_state
 from tests.test_unet import TINY, randomize_
 
@@ -25,10 +26,11 @@ DAPE_WIDTH = 16          # the shrunk RAM's label/image-embedding width (512 -> 
 TEXT_WIDTH = 32          # tests/sd2_fixtures' text encoder
 
 
-def _save_seesr_module(model, folder):
+def save_seesr_module(model, folder, dape_width=DAPE_WIDTH):
+    """A diffusers folder as SeeSR releases it: the RCA flag and width in config.json."""
     model.save_pretrained(folder, safe_serialization=True)
     config = json.loads((folder / "config.json").read_text())
-    config.update(use_image_cross_attention=True, image_cross_attention_dim=DAPE_WIDTH)
+    config.update(use_image_cross_attention=True, image_cross_attention_dim=dape_width)
     (folder / "config.json").write_text(json.dumps(config))
 
 
@@ -36,17 +38,18 @@ def _torch_dict(state):
     return {k: torch.from_numpy(np.array(v)) for k, v in state.items()}
 
 
-@pytest.fixture(scope="module")
-def release(tmp_path_factory):
-    root = tmp_path_factory.mktemp("release")
+def write_tiny_release(root):
+    """A tiny SeeSR release with the real key names under `root`: sd2/ (diffusers
+    folder with a tiny tokenizer), seesr/{unet,controlnet}/, ram_swin_large_14m.pth and DAPE.pth."""
     save_diffusers_folder(root / "sd2", *build_tiny_sd2())
+    write_tiny_tokenizer(root / "sd2" / "tokenizer", sd2_special_tokens=True)
     torch.manual_seed(0)
     unet = ref_lib.seesr_unet({**TINY, "cross_attention_dim": TEXT_WIDTH}, DAPE_WIDTH).eval()
     randomize_(unet, seed=1)
     cn = ref_lib.seesr_controlnet_from_unet(unet, DAPE_WIDTH).eval()
     randomize_(cn, seed=2)
-    _save_seesr_module(unet, root / "seesr" / "unet")
-    _save_seesr_module(cn, root / "seesr" / "controlnet")
+    save_seesr_module(unet, root / "seesr" / "unet")
+    save_seesr_module(cn, root / "seesr" / "controlnet")
     rng = np.random.default_rng(0)
     ram = random_state(RAM_LISTING, rng)
     for k in list(ram):          # tied in the released file
@@ -55,6 +58,11 @@ def release(tmp_path_factory):
     torch.save({"model": _torch_dict(ram)}, root / "ram_swin_large_14m.pth")
     torch.save(_torch_dict(random_state(LORA_LISTING, rng)), root / "DAPE.pth")
     return root
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    return write_tiny_release(tmp_path_factory.mktemp("release"))
 
 
 def _convert(release, out, **replace):
@@ -157,3 +165,24 @@ def test_seesr_needs_ram(release, tmp_path, capsys):
             "--output", str(tmp_path / "o")]
     assert cli_main(argv) == 2
     assert "--ram" in capsys.readouterr().err
+
+
+def test_unet_from_sd_takes_everything_but_rca_from_sd(release, tmp_path):
+    """sd-turbo mode: SD's UNet weights plus only SeeSR's image_attentions."""
+    out = tmp_path / "turbo"
+    argv = ["convert", "--sd", str(release / "sd2"), "--seesr", str(release / "seesr"),
+            "--ram", str(release / "ram_swin_large_14m.pth"), "--unet-from-sd",
+            "--output", str(out)]
+    assert cli_main(argv) == 0
+    got = traverse_util.flatten_dict(load_seesr_folder(out).unet[1])
+    seesr = traverse_util.flatten_dict(load_seesr(release / "seesr")[1])
+    from jaxsr.convert.sd2 import load_sd2
+
+    sd = traverse_util.flatten_dict(load_sd2(release / "sd2").unet[1])
+    rca = [k for k in got if any(p.startswith("image_attentions") for p in k)]
+    assert rca and got.keys() == seesr.keys()
+    for k, v in got.items():
+        np.testing.assert_array_equal(np.asarray(v), np.asarray(seesr[k] if k in rca else sd[k]),
+                                      err_msg=str(k))
+    assert not all(np.array_equal(np.asarray(seesr[k]), np.asarray(sd[k]))
+                   for k in sd)   # the two UNets really differ outside RCA

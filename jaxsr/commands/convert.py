@@ -30,6 +30,9 @@ def register(sub) -> None:
     p.add_argument("--thresholds", type=Path,
                    help="RAM per-class thresholds (default: ram_tag_list_threshold.txt "
                         "beside --ram)")
+    p.add_argument("--unet-from-sd", action="store_true",
+                   help="SeeSR's sd-turbo mode: the UNet is --sd's (e.g. sd-turbo) with only "
+                        "the RCA blocks taken from SeeSR's unet/")
     p.add_argument("--output", required=True, type=Path, help="folder to write")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="storage dtype of the converted weights (default float32)")
@@ -53,6 +56,8 @@ def run(args) -> int:
         raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
     if args.seesr is not None or args.ram is not None or args.dape is not None:
         return _run_seesr(args)
+    if args.unet_from_sd:
+        raise ValueError("--unet-from-sd needs --seesr (it takes the RCA blocks from there)")
     weights = load_sd2(args.sd)
     modules = sd2_modules(weights)
     save_converted(out, modules, sources=weights.sources, dtype=args.dtype,
@@ -76,7 +81,7 @@ def _run_seesr(args) -> int:
                          "checkpoint DAPE's LoRA applies to); --dape adds the LoRA")
     out = convert_seesr(sd=args.sd, seesr=args.seesr, ram=args.ram, dape=args.dape,
                         output=args.output, tags=args.tags, thresholds=args.thresholds,
-                        dtype=args.dtype)
+                        dtype=args.dtype, unet_from_sd=args.unet_from_sd)
     print(f"converted SeeSR -> {out}")
     for name, entry in read_manifest(out)["modules"].items():
         print(f"  {name:<14} {entry['parameters']:>13,d} parameters  ({args.dtype})")

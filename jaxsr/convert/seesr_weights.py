@@ -11,6 +11,8 @@ import dataclasses
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 from jaxsr.convert.cache import load_converted, read_manifest, save_converted
 from jaxsr.convert.ram import load_ram
 from jaxsr.convert.readers import read_state_dict
@@ -63,11 +65,45 @@ def _tag_files(ram: Path, tags, thresholds) -> tuple[Path | None, Path | None]:
     return found[0], found[1]
 
 
+def unet_with_sd_base(seesr_unet, sd_unet, seesr_cfg, sd_cfg):
+    """SeeSR's sd-turbo mode (`from_pretrained_orig`): every UNet weight from the SD
+    checkpoint except the RCA blocks (`image_attentions`), which come from SeeSR's.
+
+    Both trees must agree on every shared parameter's shape; raises ValueError naming
+    the first mismatches otherwise.
+    """
+    from flax import traverse_util
+
+    if tuple(seesr_cfg.block_out_channels) != tuple(sd_cfg.block_out_channels):
+        raise ValueError(f"--unet-from-sd: the SD UNet has widths {sd_cfg.block_out_channels}, "
+                         f"SeeSR's {seesr_cfg.block_out_channels}")
+    ours, base = traverse_util.flatten_dict(seesr_unet), traverse_util.flatten_dict(sd_unet)
+    merged, bad = {}, []
+    for key, value in ours.items():
+        if any(part.startswith("image_attentions") for part in key):
+            merged[key] = value
+        elif key not in base or np.shape(base[key]) != np.shape(value):
+            bad.append("/".join(key))
+        else:
+            merged[key] = base[key]
+    extra = sorted("/".join(k) for k in base.keys() - ours.keys())
+    if bad or extra:
+        raise ValueError("--unet-from-sd: the SD UNet does not fit SeeSR's: "
+                         + ", ".join((bad + extra)[:8]) + (" ..." if len(bad + extra) > 8
+                                                           else ""))
+    return traverse_util.unflatten_dict(merged)
+
+
 def convert_seesr(*, sd, seesr, ram, dape, output, tags=None, thresholds=None,
-                  dtype: str = "float32", log=print) -> Path:
-    """Convert every part SeeSR inference needs and write one weights folder."""
+                  dtype: str = "float32", unet_from_sd: bool = False, log=print) -> Path:
+    """Convert every part SeeSR inference needs and write one weights folder.
+
+    unet_from_sd: sd-turbo mode, see `unet_with_sd_base`.
+    """
     sd2 = load_sd2(sd)
     unet_cfg, unet, cn_cfg, cn = load_seesr(seesr)
+    if unet_from_sd:
+        unet = unet_with_sd_base(unet, sd2.unet[1], unet_cfg, sd2.unet[0])
     ram, dape = Path(ram), (Path(dape) if dape is not None else None)
     dape_cfg, dape_params = load_ram(read_state_dict(ram), read_state_dict(dape)
                                      if dape is not None else None,
@@ -87,7 +123,8 @@ def convert_seesr(*, sd, seesr, ram, dape, output, tags=None, thresholds=None,
     sources = [*sd2.sources, *seesr_files, ram, *([dape] if dape is not None else [])]
     out = save_converted(output, modules, sources=sources, dtype=dtype,
                          tokenizer_dir=sd2.tokenizer_dir,
-                         extra={"model": "seesr", "scheduler_config": sd2.scheduler_config})
+                         extra={"model": "seesr", "scheduler_config": sd2.scheduler_config,
+                                "unet_from_sd": bool(unet_from_sd)})
     (out / "ram").mkdir(exist_ok=True)
     for src, name in ((tag_file, TAG_LIST_FILE), (threshold_file, THRESHOLD_FILE)):
         if src is not None:
