@@ -22,3 +22,11 @@ def nchw_to_nhwc(x):
 
 def nhwc_to_nchw(x):
     return np.transpose(np.asarray(x), (0, 3, 1, 2))
+
+
+def psnr_uint8(a, b) -> float:
+    """PSNR in dB between two uint8 images of one shape (inf when identical)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    mse = np.mean((a - b) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))

@@ -24,6 +24,7 @@ then `os.replace`, so readers never see a half-written image.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 import warnings
@@ -41,15 +42,25 @@ class ImageError(ValueError):
 def load_image(path) -> np.ndarray:
     """Read an image file as uint8 RGB [H, W, 3], upright per its EXIF orientation."""
     path = os.fspath(path)
-    try:
+    with reading_image(path):
         with Image.open(path) as img:
             img.load()  # decode now: truncated data must fail here
             img = ImageOps.exif_transpose(img)
-            return _to_rgb_uint8(img)
+            return to_rgb_uint8(img)
+
+
+@contextlib.contextmanager
+def reading_image(path):
+    """Turn what PIL and the OS raise while reading `path` into one ImageError whose
+    message names the file and says what is wrong with it."""
+    try:
+        yield
     except FileNotFoundError as e:
         raise ImageError(f"{path}: no such file") from e
     except IsADirectoryError as e:
         raise ImageError(f"{path}: is a directory") from e
+    except PermissionError as e:
+        raise ImageError(f"{path}: permission denied") from e
     except UnidentifiedImageError as e:
         raise ImageError(f"{path}: not an image file (or a format PIL cannot read)") from e
     except Image.DecompressionBombError as e:
@@ -60,7 +71,8 @@ def load_image(path) -> np.ndarray:
         raise ImageError(f"{path}: unreadable or corrupt image ({e})") from e
 
 
-def _to_rgb_uint8(img: Image.Image) -> np.ndarray:
+def to_rgb_uint8(img: Image.Image) -> np.ndarray:
+    """A PIL image of any mode -> uint8 RGB [H, W, 3] (16-bit scaled, alpha dropped)."""
     if img.mode in _SIXTEEN_BIT_MODES:
         values = np.asarray(img).astype(np.float64)
         gray = np.rint(np.clip(values, 0, 65535) / 257.0).astype(np.uint8)

@@ -1,0 +1,134 @@
+"""The SeeSR pipeline's own behaviour on a tiny random release: output sizes, seeds and
+batching, samplers, latent tiling against untiled sampling, devices, and a 2048²
+output under a memory bound. (Parity with a PyTorch reference pipeline is in
+test_seesr_pipeline_parity.py.)"""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from jaxsr.pipelines.seesr import SeeSROptions, SeeSRPipeline
+from tests.parity import psnr_uint8
+from tests.test_convert_seesr_cli import _convert, write_tiny_release
+
+FAST = SeeSROptions(steps=2, process_size=32)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    root = write_tiny_release(tmp_path_factory.mktemp("release"))
+    assert _convert(root, root / "weights") == 0
+    return root / "weights"
+
+
+@pytest.fixture(scope="module")
+def pipe(weights):
+    return SeeSRPipeline.from_pretrained(weights, dtype="float32", devices=jax.devices()[:1])
+
+
+def _images(seed, *shapes):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, s + (3,), dtype=np.uint8) for s in shapes]
+
+
+def test_options_are_validated():
+    with pytest.raises(ValueError, match="sampler 'euler'"):
+        SeeSROptions(sampler="euler")
+    with pytest.raises(ValueError, match="color_fix 'hist'"):
+        SeeSROptions(color_fix="hist")
+    with pytest.raises(ValueError, match="steps"):
+        SeeSROptions(steps=0)
+
+
+def test_prompt_is_the_reference_format():
+    # test_seesr.py: f"{tags}, {prompt}," + added_prompt
+    assert (SeeSROptions().positive_prompt("cat, dog")
+            == "cat, dog, ,clean, high-resolution, 8k")
+    assert (SeeSROptions(prompt="sharp", added_prompt="x").positive_prompt("")
+            == ", sharp,x")
+
+
+def test_outputs_are_4x_and_reproducible(pipe):
+    # 13×10 is not a multiple of 8 after ×4 (52×40 -> 48×40), so the final PIL resize
+    # runs; 6×9 is below process_size/4 = 8 on one side, so the enlargement runs.
+    ims = _images(0, (10, 13), (10, 13), (6, 9))
+    out, prompts = pipe.upscale(ims, options=FAST, seed=3, return_prompts=True)
+    assert [o.shape for o in out] == [(40, 52, 3), (40, 52, 3), (24, 36, 3)]
+    assert all(o.dtype == np.uint8 for o in out)
+    assert all(p.endswith(", ,clean, high-resolution, 8k") for p in prompts)
+    again = pipe.upscale(ims, options=FAST, seed=3, batch_size=1)
+    for a, b in zip(out, again):           # batching does not change a result
+        np.testing.assert_array_equal(a, b)
+    other_seed = pipe.upscale(ims[:1], options=FAST, seed=4)[0]
+    other_id = pipe.upscale(ims[:1], options=FAST, seed=3, ids=[1])[0]
+    assert not np.array_equal(other_seed, out[0])
+    # ids pick the random stream: image 0 with id 1 equals image 1's stream on image 0's pixels
+    assert not np.array_equal(other_id, out[0])
+    assert pipe.upscale([ims[1]], options=FAST, seed=3, ids=[1])[0].tobytes() == out[1].tobytes()
+
+
+def test_pil_inputs_of_any_mode(pipe):
+    from PIL import Image
+
+    gray = Image.fromarray(_images(1, (10, 13))[0][..., 0])
+    rgba = Image.fromarray(np.dstack([_images(2, (10, 13))[0], np.full((10, 13), 7, np.uint8)]))
+    out = pipe.upscale([gray, rgba], options=FAST)
+    assert [o.shape for o in out] == [(40, 52, 3), (40, 52, 3)]
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp"])
+def test_other_samplers(pipe, sampler):
+    ims = _images(0, (10, 13))
+    ddpm = pipe.upscale(ims, options=FAST)[0]
+    out = pipe.upscale(ims, options=SeeSROptions(steps=2, process_size=32, sampler=sampler))[0]
+    assert out.shape == ddpm.shape
+    assert not np.array_equal(out, ddpm)
+
+
+def test_latent_tiling_close_to_untiled(pipe):
+    """An image just over the threshold: 104² px -> 13×13 latent > 12², so tiles of 12
+    with overlap 4 (2×2 tiles) run; untiled sampling (tile 96) is the reference."""
+    ims = _images(5, (26, 26))
+    base = dict(steps=2, process_size=32)
+    untiled = pipe.upscale(ims, options=SeeSROptions(**base))[0]
+    tiled = pipe.upscale(ims, options=SeeSROptions(**base, latent_tile=12,
+                                                   latent_tile_overlap=4))[0]
+    value = psnr_uint8(tiled, untiled)
+    print(f"tiled vs untiled sampling, 104x104 output: PSNR {value:.1f} dB")
+    assert not np.array_equal(tiled, untiled)     # the tiled path really ran
+    assert value >= 30.0
+
+
+def test_two_devices_agree_with_one(weights, pipe):
+    two = SeeSRPipeline.from_pretrained(weights, dtype="float32", devices=jax.devices()[:2])
+    ims = _images(7, (10, 13), (10, 13))
+    a = two.upscale(ims, options=FAST)
+    b = pipe.upscale(ims, options=FAST)
+    for x, y in zip(a, b):
+        assert psnr_uint8(x, y) >= 50.0
+
+
+@pytest.mark.slow
+def test_2048_output_fits_a_memory_bound(weights):
+    """A 512² LR -> 2048² output (latent 256², 9 latent tiles; tiled VAE encode and
+    decode) at tiny scale, in a fresh process so its peak RSS is its own."""
+    script = textwrap.dedent(f"""
+        import json, resource, numpy as np
+        from jaxsr.pipelines.seesr import SeeSROptions, SeeSRPipeline
+        pipe = SeeSRPipeline.from_pretrained({str(weights)!r}, dtype="float32")
+        lr = np.random.default_rng(0).integers(0, 256, (512, 512, 3), dtype=np.uint8)
+        out = pipe.upscale([lr], options=SeeSROptions(steps=2))[0]
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        print(json.dumps({{"shape": out.shape, "maxrss_gib": rss}}))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          check=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"2048x2048 output, tiny SeeSR: peak RSS {result['maxrss_gib']:.2f} GiB")
+    assert result["shape"] == [2048, 2048, 3]
+    assert result["maxrss_gib"] < 4.0
