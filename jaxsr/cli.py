@@ -1,4 +1,4 @@
-"""The `jaxsr` command: `jaxsr convert ...` (more subcommands register themselves below).
+"""The `jaxsr` command: `jaxsr convert ...`, `jaxsr sr ...` (subcommands register below).
 
 Every subcommand reports a user's mistake (missing file, wrong checkpoint, bad
 option) as one clear `error:` message and a non-zero exit, never a traceback.
@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from jaxsr.commands import convert as convert_cmd
+from jaxsr.commands import sr as sr_cmd
 
 EXIT_USAGE = 2
 
@@ -23,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="jaxsr", description="Diffusion super-resolution (SeeSR, CoSeR) in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
     convert_cmd.register(sub)
+    sr_cmd.register(sub)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""Running a pipeline over files: input discovery, output naming, resuming, progress."""
