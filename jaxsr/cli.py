@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from jaxsr.commands import convert as convert_cmd
+from jaxsr.commands import demo as demo_cmd
 from jaxsr.commands import sr as sr_cmd
 
 EXIT_USAGE = 2
@@ -25,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     convert_cmd.register(sub)
     sr_cmd.register(sub)
+    demo_cmd.register(sub)
     return parser
 
 
