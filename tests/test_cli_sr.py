@@ -3,6 +3,10 @@ command line (in-process `jaxsr.cli.main`) and a tiny random SeeSR release conve
 by `jaxsr convert`."""
 
 import io
+import os
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,6 +16,7 @@ from jaxsr.cli import build_parser
 from jaxsr.cli import main as cli_main
 from jaxsr.commands.sr import build_options
 from jaxsr.inference.inputs import discover, for_process, plan_jobs
+from tests.parity import psnr_uint8
 from tests.test_convert_seesr_cli import _convert, write_tiny_release
 
 H, W = 10, 12                          # every good input: one size bucket, one compile
@@ -102,6 +107,42 @@ def test_folder_with_good_and_bad_files(env, capsys):
     assert (out / "photo.png").read_bytes() != before
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_share_the_inputs(env, capsys):
+    """Two `jaxsr sr` processes joined by jax.distributed over localhost split the
+    inputs between them and produce what one process produces."""
+    root, inputs = env
+    files = [str(inputs / n) for n in GOOD]
+    single = root / "single"
+    assert sr(root, *files, "--output", single, "--seed", "5") == 0
+    capsys.readouterr()
+
+    shared = root / "shared"
+    port = _free_port()
+    argv = [sys.executable, "-m", "jaxsr.cli", "sr", *files, "--weights", str(root / "weights"),
+            "--output", str(shared), "--steps", "2", "--process-size", "32", "--dtype",
+            "float32", "--seed", "5", "--compile-cache", str(root / "xla-cache"),
+            "--coordinator", f"localhost:{port}", "--num-processes", "2"]
+    env_vars = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen(argv + ["--process-id", str(i)], env=env_vars, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for i in range(2)]
+    outs = [p.communicate(timeout=900) for p in procs]
+    for i, (p, (out, err)) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, err[-3000:]
+        assert f"process {i}/2: written 3, skipped 0, failed 0" in out, out
+    assert sorted(p.name for p in shared.iterdir()) == sorted(p.name for p in single.iterdir())
+    for p in single.iterdir():
+        a, b = (np.asarray(Image.open(d / p.name)) for d in (single, shared))
+        # Another process (1 CPU device, its own thread pool) may round differently.
+        assert psnr_uint8(a, b) >= 50.0, p.name
+
+
 def test_missing_inputs_and_wrong_weights(env, capsys, tmp_path):
     root, inputs = env
     assert sr(root, tmp_path / "nowhere.png", "--output", tmp_path / "o") == 1
@@ -133,6 +174,14 @@ def test_options_from_flags():
         4, "ddim", "wavelet", 3.0)
     with pytest.raises(SystemExit):
         parse(base + ["--steps", "0"])
+
+
+def test_incomplete_multi_process_flags(capsys, tmp_path):
+    argv = ["sr", "x.png", "--weights", str(tmp_path), "--output", str(tmp_path / "o"),
+            "--coordinator", "localhost:1"]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--num-processes, --process-id missing" in err, err
 
 
 def test_inputs_are_shared_between_processes(env):

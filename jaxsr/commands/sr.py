@@ -10,8 +10,13 @@ is skipped unless --overwrite, so an interrupted run resumes where it stopped.
 
 Results depend on the seed, the output name and the device count only: an input
 draws its noise from fold_in(key(seed), crc32(output file name)), whatever the
-batching and whatever other inputs the run has. Images are grouped by processed size, so each size compiles once.
-With several JAX processes, process p of n takes inputs p, p+n, p+2n, ...
+batching and whatever other inputs the run has. Images are grouped by processed
+size, so each size compiles once.
+
+With several JAX processes (--coordinator/--num-processes/--process-id, or
+--distributed on a detected cluster), process p of n takes inputs p, p+n, p+2n, ...
+of the sorted list and uses its local devices; the outputs are the single-process
+ones, since an input's noise does not depend on which process runs it.
 
 Exit status: 0 when every input has its output (written now or before), 1 when
 some input failed (each failure is one line on stderr naming the file), 2 for a
@@ -29,6 +34,7 @@ from pathlib import Path
 from jaxsr.data.image_io import ImageError, load_image, save_image
 from jaxsr.inference.inputs import discover, for_process, plan_jobs, read_size, split_done
 from jaxsr.inference.progress import Progress, format_summary
+from jaxsr.parallel import distributed
 
 EXIT_FAILED = 1
 SAMPLERS = ("ddpm", "ddim", "dpmpp")
@@ -99,6 +105,7 @@ def register(sub) -> None:
     r.add_argument("--compile-cache", metavar="DIR",
                    help="persistent XLA compilation cache (default $JAX_COMPILATION_CACHE_DIR, "
                         "else $XDG_CACHE_HOME/jaxsr/xla or ~/.cache/jaxsr/xla; '' turns it off)")
+    distributed.add_arguments(p)
     p.set_defaults(run=run)
 
 
@@ -168,10 +175,11 @@ def _out_of_memory(e: Exception) -> bool:
 
 
 def run(args) -> int:
-    import jax
-
     started = time.monotonic()
     options = build_options(args)
+    distributed.initialize(args)           # before any JAX backend starts
+    import jax
+
     found = discover(args.inputs, recursive=args.recursive, output_dir=args.output)
     failed = 0
     for spec in found.missing:
@@ -202,7 +210,10 @@ def run(args) -> int:
         args.output.mkdir(parents=True, exist_ok=True)
         written, n_failed = _process(pipe, sized, options, args)
         failed += n_failed
-    print(format_summary(written, len(done), failed, time.monotonic() - started), flush=True)
+    summary = format_summary(written, len(done), failed, time.monotonic() - started)
+    if jax.process_count() > 1:
+        summary = f"process {jax.process_index()}/{jax.process_count()}: {summary}"
+    print(summary, flush=True)
     return EXIT_FAILED if failed else 0
 
 
