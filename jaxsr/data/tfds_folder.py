@@ -30,7 +30,9 @@ shared file system and on per-host disks alike).
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
+import io
 import os
 import re
 import socket
@@ -189,12 +191,26 @@ def prepare_folder(image_dir, data_dir, name: str, *, wait_timeout_s: float = 6 
 
 
 def _build(image_dir: str, data_dir, name: str) -> None:
-    builder = JaxsrImageFolder(
-        config=ImageFolderConfig(name=name, image_dir=image_dir,
-                                 description=f"Images read from {image_dir}."),
-        data_dir=os.fspath(data_dir), file_format="array_record")
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        try_download_gcs=False, compute_stats=tfds.download.ComputeStatsMode.SKIP))
+    print(f"preparing a TFDS dataset of the images in {image_dir} (once; nothing is "
+          "downloaded)", flush=True)
+    # TFDS's progress bars, its "Downloading and preparing" message and its warning
+    # about custom configs would suggest a download; the line above says what happens.
+    from absl import logging as absl_logging
+
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    tfds.disable_progress_bar()
+    try:
+        builder = JaxsrImageFolder(
+            config=ImageFolderConfig(name=name, image_dir=image_dir,
+                                     description=f"Images read from {image_dir}."),
+            data_dir=os.fspath(data_dir), file_format="array_record")
+        with contextlib.redirect_stdout(io.StringIO()):
+            builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+                try_download_gcs=False, compute_stats=tfds.download.ComputeStatsMode.SKIP))
+    finally:
+        absl_logging.set_verbosity(verbosity)
+        tfds.enable_progress_bar()
 
 
 def _is_prepared(target: Path) -> bool:
