@@ -11,7 +11,9 @@ import sys
 
 from jaxsr.commands import convert as convert_cmd
 from jaxsr.commands import demo as demo_cmd
+from jaxsr.commands import quickstart as quickstart_cmd
 from jaxsr.commands import sr as sr_cmd
+from jaxsr.commands import train as train_cmd
 
 EXIT_USAGE = 2
 
@@ -27,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert_cmd.register(sub)
     sr_cmd.register(sub)
     demo_cmd.register(sub)
+    train_cmd.register(sub)
+    quickstart_cmd.register(sub)
     return parser
 
 
@@ -34,7 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     from jaxsr.platform import configure_xla_defaults
 
     configure_xla_defaults()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Only commands that read a config file take `--config.key=value` overrides.
+    if extra and not getattr(args, "accepts_config_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.config_overrides = extra
     try:
         return int(args.run(args) or 0)
     except KeyboardInterrupt:

@@ -9,6 +9,10 @@ def is_user_error(e: BaseException) -> bool:
     user_types: tuple[type, ...] = (ConversionError, FileNotFoundError, FileExistsError,
                                     NotADirectoryError,
                                     IsADirectoryError, PermissionError, ValueError)
+    from jaxsr.train.checkpoint import RestoreError
+
+    # A NaN loss and an unusable checkpoint stop training with a message, not a trace.
+    user_types += (RestoreError, FloatingPointError)
     try:
         from jaxsr.convert.readers import CheckpointReadError
 
