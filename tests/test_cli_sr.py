@@ -113,6 +113,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow        # two more processes compiling the pipeline: about 80 s
 def test_two_processes_share_the_inputs(env, capsys):
     """Two `jaxsr sr` processes joined by jax.distributed over localhost split the
     inputs between them and produce what one process produces."""
