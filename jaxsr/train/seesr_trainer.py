@@ -128,6 +128,16 @@ class TrainResult:
     frozen: dict                # the frozen params, as placed on the mesh
 
 
+def _barrier(name: str) -> None:
+    """Wait on the host until every process gets here. Before the first collective
+    program: processes that finish compiling (or loading it from the cache) at very
+    different times would otherwise exceed gloo's 30 s connection deadline on CPU."""
+    if jax.process_count() > 1:
+        from jax._src import distributed as jax_distributed
+
+        jax_distributed.global_state.client.wait_at_barrier(f"jaxsr/{name}", 3_600_000)
+
+
 class _Terminate:
     """Remembers a SIGTERM so the loop can save and stop at the end of a step."""
 
@@ -214,6 +224,7 @@ def train(config, workdir, *, devices=None, make_iterator=None) -> TrainResult:
     ckpt = Checkpoints(workdir / "checkpoints", keep=config.keep_checkpoints)
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                             state_shapes, state_sh)
+    _barrier("before_restore")
     restored = ckpt.restore_latest(abstract)
     if restored is not None:
         start, state, data_state = restored
@@ -245,6 +256,7 @@ def train(config, workdir, *, devices=None, make_iterator=None) -> TrainResult:
              + memory_summary(compiled))
 
     # ------------------------------------------------------------------ loop
+    _barrier("compiled")
     terminate = _Terminate()
     pending: list[tuple[int, dict]] = []
     last_log = (start, time.perf_counter())
