@@ -43,24 +43,18 @@ def held_out_pair(image: np.ndarray, size: int, preset: str, seed: int):
     import jax
     import jax.numpy as jnp
 
-    from jaxsr.train.seesr_trainer import degradation_fn
+    from jaxsr.data.degrade import degrade_batch, preset_by_name
 
     h, w = image.shape[:2]
     if min(h, w) < size:
         raise ValueError(f"held-out image {w}x{h} is smaller than {size}")
     top, left = (h - size) // 2, (w - size) // 2
     hr = image[top:top + size, left:left + size]
-    degrade = degradation_fn(_preset_config(preset))
     keys = jax.random.split(jax.random.key(seed), 1)   # [1] typed keys
-    lr, _ = degrade(keys, jnp.asarray(hr[None], jnp.float32) / 255.0)
+    lr, _ = degrade_batch(keys, jnp.asarray(hr[None], jnp.float32) / 255.0,
+                          preset_by_name(preset))
     lr = np.asarray(jnp.round(jnp.clip(lr[0], 0, 1) * 255)).astype(np.uint8)
     return lr, hr
-
-
-def _preset_config(preset: str):
-    import ml_collections
-
-    return ml_collections.ConfigDict({"degradation": preset})
 
 
 def comparison_strip(lr: np.ndarray, sr: np.ndarray, hr: np.ndarray) -> np.ndarray:

@@ -83,10 +83,6 @@ class Checkpoints:
                                "model or optimizer changed, start a new workdir.") from e
         return step, got["state"], got["data"]
 
-    def saved_config(self, step: int) -> dict:
-        return self.manager.restore(step, args=ocp.args.Composite(
-            config=ocp.args.JsonRestore()))["config"]
-
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()

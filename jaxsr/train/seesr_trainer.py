@@ -124,7 +124,6 @@ class TrainResult:
     step: int
     state: object               # the final TrainState (sharded over `mesh`)
     mesh: object
-    nets: SeeSRTrainNets
     frozen: dict                # the frozen params, as placed on the mesh
 
 
@@ -285,8 +284,8 @@ def train(config, workdir, *, devices=None, make_iterator=None) -> TrainResult:
             if stop:
                 ckpt.wait()
                 log.note(f"SIGTERM: saved step {step}, exiting")
-                return TrainResult(EXIT_TERMINATED, step, state, mesh, nets, frozen)
-        return TrainResult(0, step, state, mesh, nets, frozen)
+                return TrainResult(EXIT_TERMINATED, step, state, mesh, frozen)
+        return TrainResult(0, step, state, mesh, frozen)
     finally:
         terminate.restore()
         ckpt.close()
