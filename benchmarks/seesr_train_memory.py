@@ -93,8 +93,8 @@ def main() -> None:
 
     tx, schedule = make_optimizer(config.optim)
     degrade = degradation_fn(config)
-    loss_fn = lambda p, fz, hr, keys: seesr_loss(nets, p, fz, hr.astype(jnp.float32) / 255,
-                                                 keys, degrade, 0.5)
+    loss_fn = lambda p, fz, hr, keys: (seesr_loss(nets, p, fz, hr.astype(jnp.float32) / 255,
+                                                  keys, degrade, 0.5), {})
     def attach(tree, shardings):
         return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                             tree, shardings)

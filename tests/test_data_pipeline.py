@@ -304,6 +304,23 @@ def test_batches_are_random_windows_with_random_flips(prepared):
     assert len({(top, left) for top, left, _ in placements[big]}) > 1
 
 
+def test_resize_augment_is_the_whole_image_lanczos_without_flips(prepared):
+    """DAPE's input: every image resized whole to crop x crop with PIL's Lanczos."""
+    root, _, names, _, source = prepared
+    it = _iterator(source, global_batch_size=5, augment="resize", shuffle=False, num_epochs=1)
+    seen = 0
+    for batch in it:
+        assert batch["hr"].shape == (5, CROP, CROP, 3)
+        for hr, k in zip(batch["hr"], batch["index"]):
+            want = Image.fromarray(load_image(root / names[k])).resize(
+                (CROP, CROP), Image.Resampling.LANCZOS)
+            np.testing.assert_array_equal(hr, np.asarray(want))
+            seen += 1
+    assert seen == 10
+    with pytest.raises(ValueError, match="augment"):
+        _iterator(source, augment="rotate")
+
+
 def test_same_seed_same_batches_other_seed_other_order(prepared):
     source = prepared[4]
     a, b, c = _iterator(source), _iterator(source), _iterator(source, seed=8)

@@ -15,10 +15,10 @@ OPTIM = ml_collections.ConfigDict(dict(learning_rate=0.1, warmup_steps=0, b1=0.9
 
 def loss_fn(params, frozen, batch, keys):
     """Mean squared error of a linear model, plus a key-dependent term so the keys
-    the step hands out matter."""
+    the step hands out matter; aux: the mean prediction (reported, not trained)."""
     noise = jax.vmap(lambda k: jax.random.normal(k, ()))(keys)
     pred = batch["x"] @ params["w"] + params["b"] + frozen["shift"]
-    return jnp.mean((pred[:, 0] - batch["y"] - 0.1 * noise) ** 2)
+    return jnp.mean((pred[:, 0] - batch["y"] - 0.1 * noise) ** 2), {"mean_pred": pred.mean()}
 
 
 def _data(n=8):
@@ -45,7 +45,7 @@ def test_accumulation_equals_one_big_batch_and_matches_optax():
     # The same update by hand: the full batch's gradient with example i's key
     # fold_in(fold_in(key, step), i), clipped to norm 1, through optax's AdamW.
     keys = example_keys(key, 0, 1, 8)[0]
-    loss, grads = jax.value_and_grad(loss_fn)(params, frozen, data, keys)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, frozen, data, keys)
     norm = optax.tree.norm(grads)
     clipped = jax.tree.map(lambda g: g * jnp.minimum(1.0, 1.0 / norm), grads)
     adamw = optax.adamw(0.1, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2)
@@ -54,6 +54,10 @@ def test_accumulation_equals_one_big_batch_and_matches_optax():
     new_state, metrics = results[1]
     assert int(new_state.step) == 1
     np.testing.assert_allclose(float(metrics["loss"]), float(loss), rtol=1e-6)
+    # aux parts are averaged over the micro-batches like the loss
+    for accum in (1, 2, 4):
+        np.testing.assert_allclose(float(results[accum][1]["mean_pred"]),
+                                   float(aux["mean_pred"]), rtol=1e-5)
     np.testing.assert_allclose(float(metrics["grad_norm"]), float(norm), rtol=1e-6)
     assert float(norm) > 1.0                        # so clipping really acted
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(new_state.params)):
@@ -73,3 +77,16 @@ def test_ema_follows_the_params():
         ema = jax.tree.map(lambda e, p: 0.9 * e + 0.1 * p, ema, state.params)
     for a, b in zip(jax.tree.leaves(ema), jax.tree.leaves(state.ema)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6)
+
+
+def test_schedule_warmup_and_milestones():
+    """Linear warm-up from 0, then the rate times gamma at each milestone passed
+    (basicsr's MultiStepLR with warm-up, as the DAPE recipe uses)."""
+    optim = ml_collections.ConfigDict(dict(OPTIM.to_dict(), learning_rate=1e-4,
+                                           warmup_steps=50, milestones=[200, 300], gamma=0.5))
+    _, schedule = make_optimizer(optim)
+    got = [float(schedule(s)) for s in (0, 25, 50, 199, 200, 299, 300, 10_000)]
+    want = [0.0, 5e-5, 1e-4, 1e-4, 5e-5, 5e-5, 2.5e-5, 2.5e-5]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    _, constant = make_optimizer(OPTIM)
+    assert float(constant(0)) == float(constant(10**6)) == np.float32(0.1)

@@ -26,6 +26,10 @@ example come from its own stream seeded by (seed, epoch, source index), so an
 example's crop does not depend on the process count, the worker count or where
 it lands in a batch.
 
+`augment="resize"` instead resizes the whole image to crop_size x crop_size with
+PIL's Lanczos filter, ignoring the aspect ratio, and does not flip: how DAPE's
+training pairs were made from COCO (seesr_reference.md section 6, "GT source (DAPE)").
+
 Batching happens before the iterator is made, so a batch is a fixed set of
 stream positions: grain worker processes (`worker_count > 0`) each produce whole
 batches and the sequence of batches is the same for any worker count.
@@ -60,6 +64,27 @@ class RandomCropFlip(grain.transforms.MapWithIndex):
         return {"hr": hr, "index": np.int64(source_index)}
 
 
+class ResizeWhole(grain.transforms.MapWithIndex):
+    """{"image": uint8 [H, W, 3]} -> {"hr": uint8 [c, c, 3], "index": int64}: the whole
+    image resized with Lanczos (deterministic, so it needs no random stream)."""
+
+    def __init__(self, size: int, source_length: int):
+        self.size = int(size)
+        self.source_length = int(source_length)
+
+    def map_with_index(self, index: int, element: dict) -> dict:
+        from PIL import Image
+
+        image = Image.fromarray(element["image"])
+        if image.size != (self.size, self.size):
+            image = image.resize((self.size, self.size), Image.Resampling.LANCZOS)
+        return {"hr": np.asarray(image, np.uint8),
+                "index": np.int64(int(index) % self.source_length)}
+
+
+AUGMENTS = ("crop_flip", "resize")
+
+
 def random_crop_flip(image: np.ndarray, crop_size: int, rng: np.random.Generator) -> np.ndarray:
     """uint8 [H, W, 3] -> uint8 [crop_size, crop_size, 3]: reflect-101 pad (bottom, right)
     up to the crop size if smaller, a uniform random crop, a horizontal flip with p=1/2.
@@ -82,12 +107,14 @@ def random_crop_flip(image: np.ndarray, crop_size: int, rng: np.random.Generator
 def make_train_iterator(source, *, global_batch_size: int, crop_size: int, seed: int,
                         process_index: int, process_count: int, shuffle: bool = True,
                         num_epochs: int | None = None, worker_count: int = 0,
-                        read_options: grain.ReadOptions | None = None):
+                        read_options: grain.ReadOptions | None = None,
+                        augment: str = "crop_flip"):
     """A grain iterator of this process's training batches (see the module docstring).
 
     source: random access (`len`, `[i]` -> {"image": uint8 [H, W, 3]}), e.g. from
         `jaxsr.data.sources.open_source`.
     num_epochs: None repeats forever.
+    augment: "crop_flip" (random crop + flip, SeeSR) or "resize" (whole image, DAPE).
     worker_count: grain worker processes for decoding and cropping; 0 decodes in
         threads of this process (`read_options`: default up to 8 threads, as many
         batches read ahead).
@@ -98,6 +125,8 @@ def make_train_iterator(source, *, global_batch_size: int, crop_size: int, seed:
     if global_batch_size < 1 or global_batch_size % process_count:
         raise ValueError(f"global_batch_size {global_batch_size} must be a positive "
                          f"multiple of the process count {process_count}")
+    if augment not in AUGMENTS:
+        raise ValueError(f"augment must be one of {AUGMENTS}, got {augment!r}")
     if crop_size < 1:
         raise ValueError(f"crop_size must be positive, got {crop_size}")
     if not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -111,7 +140,8 @@ def make_train_iterator(source, *, global_batch_size: int, crop_size: int, seed:
     local_batch = global_batch_size // process_count
 
     ds = grain.MapDataset.source(source)
-    ds = ds.map_with_index(RandomCropFlip(crop_size, seed, n))
+    ds = ds.map_with_index(RandomCropFlip(crop_size, seed, n) if augment == "crop_flip"
+                           else ResizeWhole(crop_size, n))
     if shuffle:
         ds = ds.shuffle(seed=int(np.random.SeedSequence(
             [int(seed), _SHUFFLE_STREAM]).generate_state(1)[0]))

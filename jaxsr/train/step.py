@@ -4,7 +4,9 @@
     new_state, metrics = train_step(loss_fn, tx, schedule, ema_decay, state, frozen,
                                     batch, base_key)
 
-`loss_fn(params, frozen, micro_batch, keys) -> scalar` is a mean over its examples.
+`loss_fn(params, frozen, micro_batch, keys) -> (loss, aux)`: loss is a float32 scalar,
+the mean over the micro-batch's examples; aux a dict of float32 scalars (loss parts)
+that are averaged over the accumulation steps and reported beside the loss.
 batch leaves are [A, m, ...]: A accumulation micro-batches of m examples, split over
 the mesh's batch axes along m. Micro-batch gradients are averaged in a lax.scan, so
 A = 1 and A = 4 give the same update for the same examples (up to float32 summation
@@ -30,16 +32,33 @@ class TrainState:
     ema: Any                 # EMA of params, or None
 
 
-def make_optimizer(optim) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW with linear warm-up then a constant rate, after global-norm clipping.
-
-    optim: learning_rate, warmup_steps, b1, b2, eps, weight_decay, grad_clip_norm."""
+def learning_rate_schedule(optim) -> optax.Schedule:
+    """Linear warm-up from 0 over `warmup_steps`, then `learning_rate`, multiplied by
+    `gamma` at each of `milestones` (absolute steps; basicsr's MultiStepLR). Without
+    milestones the rate is constant after the warm-up (the SeeSR recipe)."""
     lr = float(optim.learning_rate)
     warm = int(optim.warmup_steps)
-    schedule = (optax.linear_schedule(0.0, lr, warm) if warm
-                else optax.constant_schedule(lr))
-    if warm:
-        schedule = optax.join_schedules([schedule, optax.constant_schedule(lr)], [warm])
+    milestones = [int(m) for m in (optim.get("milestones") or ())]
+    gamma = float(optim.get("gamma", 1.0))
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        rate = jnp.float32(lr)
+        if warm:
+            rate = rate * jnp.minimum(step / warm, 1.0)
+        for m in milestones:
+            rate = jnp.where(step >= m, rate * gamma, rate)
+        return rate
+
+    return schedule
+
+
+def make_optimizer(optim) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW on `learning_rate_schedule(optim)`, after global-norm clipping.
+
+    optim: learning_rate, warmup_steps, b1, b2, eps, weight_decay, grad_clip_norm,
+    optionally milestones and gamma."""
+    schedule = learning_rate_schedule(optim)
     parts = []
     if optim.grad_clip_norm:
         parts.append(optax.clip_by_global_norm(float(optim.grad_clip_norm)))
@@ -66,24 +85,26 @@ def train_step(loss_fn, tx, schedule, ema_decay: float, state: TrainState, froze
     leaves = jax.tree.leaves(batch)
     accum, micro = leaves[0].shape[:2]
     keys = example_keys(base_key, state.step, accum, micro)
-    grad_fn = jax.value_and_grad(loss_fn)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def one(carry, xs):
-        g_sum, l_sum = carry
+    def one(g_sum, xs):
         mb, k = xs
-        loss, g = grad_fn(state.params, frozen, mb, k)
-        return (jax.tree.map(jnp.add, g_sum, g), l_sum + loss), None
+        (loss, aux), g = grad_fn(state.params, frozen, mb, k)
+        return jax.tree.map(jnp.add, g_sum, g), {"loss": loss, **aux}
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    (g_sum, l_sum), _ = jax.lax.scan(one, (zeros, jnp.zeros((), jnp.float32)), (batch, keys))
+    g_sum, parts = jax.lax.scan(one, zeros, (batch, keys))
     grads = jax.tree.map(lambda g: g / accum, g_sum)
-    loss = l_sum / accum
+    parts = {k: jnp.mean(v.astype(jnp.float32)) for k, v in parts.items()}
 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = state.ema
     if ema is not None:
         ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-               "learning_rate": schedule(state.step)}
+    # Counted every step (one cheap reduction) so a diverged update is caught before
+    # the state holding it is checkpointed, not a step later when the loss shows it.
+    nonfinite = sum(jnp.sum(~jnp.isfinite(p)) for p in jax.tree.leaves(params))
+    metrics = {**parts, "grad_norm": optax.tree.norm(grads),
+               "learning_rate": schedule(state.step), "nonfinite_params": nonfinite}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
