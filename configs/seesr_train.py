@@ -69,5 +69,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.log_every = 5 if tiny else 50
     config.checkpoint_every = 20 if tiny else 2000
     config.keep_checkpoints = 3
-    config.sample_every = 0 if tiny else 5000   # 0: no sample images during training
+    # Sample SR images of a few held-out photos (a folder of clean images, centre
+    # crops of `size`, degraded once with a fixed key) every `every` steps, written to
+    # WORKDIR/samples/ and TensorBoard; 0 turns it off.
+    config.samples = dict(every=0, source="", count=2, size=128 if tiny else 512,
+                          steps=20 if tiny else 50, seed=0)
     return config

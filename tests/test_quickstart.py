@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from tests.parity import psnr_uint8
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -29,6 +31,18 @@ def test_quickstart_trains_and_super_resolves(tmp_path):
     assert np.isfinite(report["psnr"]) and -1 <= report["ssim"] <= 1
     strip = np.asarray(Image.open(work / "comparison.png"))
     assert strip.shape == (128, 3 * 128 + 8, 3)          # LR×4 | SR | HR
+    # Sample images written during training (half-way and at the end): the held-out
+    # photo's LR | SR | HR. The last one is made from the params being trained, on the
+    # training mesh; it must equal the SR of the exported weights through the pipeline.
+    samples = sorted((work / "train" / "samples").glob("step_*.png"))
+    assert [p.name for p in samples] == ["step_0000010.png", "step_0000020.png"]
+    last = np.asarray(Image.open(samples[-1]))
+    assert last.shape == strip.shape
+    sr_panel = slice(128 + 4, 2 * 128 + 4)
+    psnr = psnr_uint8(last[:, sr_panel], strip[:, sr_panel])
+    print(f"training sample vs exported-weights SR: PSNR {psnr:.1f} dB")
+    assert psnr >= 40
+    assert psnr_uint8(np.asarray(Image.open(samples[0]))[:, sr_panel], last[:, sr_panel]) < 60
     assert (work / "train" / "checkpoints" / "20").is_dir()
     assert (work / "weights" / "manifest.json").is_file()
     assert any((work / "train" / "tensorboard").iterdir())

@@ -7,6 +7,7 @@ Everything a real run does, at laptop scale and with no download:
 2. tiny random SeeSR weights (configs/seesr_train.py "tiny") → DIR/init_weights;
 3. `jaxsr train`'s loop: TFDS folder source → grain → on-device degradation → sharded
    train step → orbax checkpoints, in DIR/train (metrics.jsonl, tensorboard/);
+   with sample SR images of the held-out photo half-way and at the end (train/samples/);
 4. the trained ControlNet + RCA blocks → DIR/weights (the format `jaxsr sr` reads);
 5. the held-out photo, degraded like the training data, super-resolved with DIR/weights:
    DIR/comparison.png (LR | SR | HR) and DIR/metrics.json (PSNR, SSIM, losses).
@@ -37,34 +38,6 @@ def register(sub) -> None:
     p.set_defaults(run=run, accepts_config_overrides=True)
 
 
-def held_out_pair(image: np.ndarray, size: int, preset: str, seed: int):
-    """(LR uint8 [size/4]², HR uint8 [size]²): a centre crop of `image` and its degraded
-    version, drawn with the training degradation from a fixed key."""
-    import jax
-    import jax.numpy as jnp
-
-    from jaxsr.data.degrade import degrade_batch, preset_by_name
-
-    h, w = image.shape[:2]
-    if min(h, w) < size:
-        raise ValueError(f"held-out image {w}x{h} is smaller than {size}")
-    top, left = (h - size) // 2, (w - size) // 2
-    hr = image[top:top + size, left:left + size]
-    keys = jax.random.split(jax.random.key(seed), 1)   # [1] typed keys
-    lr, _ = degrade_batch(keys, jnp.asarray(hr[None], jnp.float32) / 255.0,
-                          preset_by_name(preset))
-    lr = np.asarray(jnp.round(jnp.clip(lr[0], 0, 1) * 255)).astype(np.uint8)
-    return lr, hr
-
-
-def comparison_strip(lr: np.ndarray, sr: np.ndarray, hr: np.ndarray) -> np.ndarray:
-    """LR (nearest ×4) | SR | HR, with 4-pixel white gaps: uint8 [H, 3W + 8, 3]."""
-    scale = hr.shape[0] // lr.shape[0]
-    big = np.repeat(np.repeat(lr, scale, 0), scale, 1)
-    gap = np.full((hr.shape[0], 4, 3), 255, np.uint8)
-    return np.concatenate([big, gap, sr, gap, hr], axis=1)
-
-
 def image_metrics(sr: np.ndarray, hr: np.ndarray) -> dict:
     import dm_pix
     import jax.numpy as jnp
@@ -83,6 +56,7 @@ def run(args) -> int:
     from jaxsr.pipelines.seesr import SeeSROptions, SeeSRPipeline
     from jaxsr.train.config_file import apply_override
     from jaxsr.train.export import export_seesr
+    from jaxsr.train.seesr_samples import comparison_strip, held_out_pair
     from jaxsr.train.seesr_trainer import train
 
     started = time.monotonic()
@@ -101,6 +75,11 @@ def run(args) -> int:
     config.total_steps = args.steps
     config.checkpoint_every = max(args.steps // 2, 1)
     config.log_every = 1          # every step's loss, for the before/after comparison
+    # Sample images of the held-out photo half-way and at the end (DIR/train/samples).
+    config.samples.every = max(args.steps // 2, 1)
+    config.samples.source = str(held_out.parent)
+    config.samples.count = 1
+    config.samples.steps = args.sr_steps
     for item in getattr(args, "config_overrides", []):
         apply_override(config, item)
     result = train(config, work / "train")

@@ -145,6 +145,20 @@ def as_rgb_array(image) -> np.ndarray:
     return array
 
 
+def sampling_settings(options: SeeSROptions, alphas_cumprod) -> SamplingSettings:
+    """The static part of the device program for `options` (alphas_cumprod: the
+    1000-step training schedule, for the LR-latent start coefficients)."""
+    sa, s1a = start_coefficients(alphas_cumprod, options.start_timestep)
+    return SamplingSettings(
+        guidance_scale=float(options.guidance_scale),
+        conditioning_scale=float(options.conditioning_scale),
+        start_sqrt_alpha=sa, start_sqrt_one_minus_alpha=s1a,
+        color_fix=COLOR_FIXES[options.color_fix],
+        latent_tile=options.latent_tile, latent_tile_overlap=options.latent_tile_overlap,
+        vae_encoder_tile=options.vae_encoder_tile,
+        vae_decoder_tile=options.vae_decoder_tile)
+
+
 def _pad_rows(x: np.ndarray, n: int, axis: int = 0) -> np.ndarray:
     """Repeat the last entry along `axis` until it has n entries."""
     missing = n - x.shape[axis]
@@ -244,15 +258,7 @@ class SeeSRPipeline:
         return fn
 
     def _settings(self, options: SeeSROptions) -> SamplingSettings:
-        sa, s1a = start_coefficients(self.alphas_cumprod, options.start_timestep)
-        return SamplingSettings(
-            guidance_scale=float(options.guidance_scale),
-            conditioning_scale=float(options.conditioning_scale),
-            start_sqrt_alpha=sa, start_sqrt_one_minus_alpha=s1a,
-            color_fix=COLOR_FIXES[options.color_fix],
-            latent_tile=options.latent_tile, latent_tile_overlap=options.latent_tile_overlap,
-            vae_encoder_tile=options.vae_encoder_tile,
-            vae_decoder_tile=options.vae_decoder_tile)
+        return sampling_settings(options, self.alphas_cumprod)
 
     def _plan(self, options: SeeSROptions):
         return make_sampler(options.sampler, self.weights.scheduler_config, options.steps,

@@ -1,0 +1,148 @@
+"""Sample SR images during SeeSR training, from the weights being trained.
+
+    make = seesr_sampler(config, nets, tags, tokenizer, scheduler_config, workdir)
+    sample = make(mesh, frozen_shardings)        # once, after the train step compiled
+    images = sample(step, state.params, frozen)   # every config.samples.every steps
+
+config.samples: every (steps; 0 = never), source (a folder of clean photos; required
+when every > 0), count (photos used, sorted by name), size (centre crop of each
+photo, the HR side), steps (denoising steps), seed.
+
+Each photo is centre-cropped and degraded once with the training degradation and a
+fixed key (`held_out_pair`), so every sample compares the same inputs. The frozen
+networks (DAPE, text encoder) do not change during training, so the prompts and soft
+prompts are computed once; each sample runs only the sampler (the inference pipeline's
+`restore`, on the training mesh with the sharded params: no second copy of the
+weights) with the current ControlNet and RCA blocks. Every process calls `sample`;
+process 0 writes DIR/samples/step_NNNNNNN.png, one row per photo: LR (nearest ×4) |
+SR | HR.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxsr.data.resize import seesr_upscale_input
+from jaxsr.diffusion.samplers import make_sampler
+from jaxsr.models.tags import hard_prompt
+from jaxsr.models.tokenizer import tokenize
+from jaxsr.pipelines.seesr import SeeSROptions, dape_input, sampling_settings
+from jaxsr.pipelines.seesr_sampling import Networks, restore
+from jaxsr.train.seesr_objective import SeeSRTrainNets, join_unet
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def held_out_pair(image: np.ndarray, size: int, preset: str, seed: int):
+    """(LR uint8 [size/4]², HR uint8 [size]²): a centre crop of `image` and its degraded
+    version, drawn with the training degradation from a fixed key."""
+    from jaxsr.data.degrade import degrade_batch, preset_by_name
+
+    h, w = image.shape[:2]
+    if min(h, w) < size:
+        raise ValueError(f"held-out image {w}x{h} is smaller than {size}")
+    top, left = (h - size) // 2, (w - size) // 2
+    hr = image[top:top + size, left:left + size]
+    keys = jax.random.split(jax.random.key(seed), 1)   # [1] typed keys
+    lr, _ = degrade_batch(keys, jnp.asarray(hr[None], jnp.float32) / 255.0,
+                          preset_by_name(preset))
+    lr = np.asarray(jnp.round(jnp.clip(lr[0], 0, 1) * 255)).astype(np.uint8)
+    return lr, hr
+
+
+def comparison_strip(lr: np.ndarray, sr: np.ndarray, hr: np.ndarray) -> np.ndarray:
+    """LR (nearest ×4) | SR | HR, with 4-pixel white gaps: uint8 [H, 3W + 8, 3]."""
+    scale = hr.shape[0] // lr.shape[0]
+    big = np.repeat(np.repeat(lr, scale, 0), scale, 1)
+    gap = np.full((hr.shape[0], 4, 3), 255, np.uint8)
+    return np.concatenate([big, gap, sr, gap, hr], axis=1)
+
+
+def sample_photos(folder, count: int) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"config.samples.source {folder} is not a folder of photos")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"config.samples.source {folder} holds no images")
+    return files[:count]
+
+
+def _replicated(x: np.ndarray, sharding):
+    """A host array (equal in every process) as a global array replicated on the mesh."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def seesr_sampler(config, nets: SeeSRTrainNets, tags: list[str], tokenizer,
+                  scheduler_config: dict, workdir):
+    """The `make_sampler` of the SeeSR task (see the module docstring)."""
+    from jaxsr.data.image_io import load_image, save_image
+
+    cfg = config.samples
+    out_dir = Path(workdir) / "samples"
+    photos = sample_photos(cfg.source, int(cfg.count))
+    pairs = [held_out_pair(load_image(p), int(cfg.size), config.degradation, int(cfg.seed))
+             for p in photos]
+    lrs = np.stack([lr for lr, _ in pairs])
+    options = SeeSROptions(steps=int(cfg.steps), process_size=int(cfg.size))
+    settings = sampling_settings(options, nets.alphas_cumprod)
+    plan = make_sampler(options.sampler, scheduler_config, options.steps)
+    restore_nets = Networks(unet=nets.unet, controlnet=nets.controlnet, vae=nets.vae)
+
+    def make(mesh, frozen_shardings):
+        rep = NamedSharding(mesh, P())
+        tag_size = nets.dape.config.swin.img_size
+        dape_in = _replicated(np.stack([dape_input(lr, tag_size) for lr in lrs]), rep)
+        dape_fn = jax.jit(lambda p, x: nets.dape.apply({"params": p}, x), out_shardings=rep)
+
+        def encode(frozen, prompts):
+            ids = _replicated(tokenize(tokenizer, prompts), rep)
+            return jax.jit(lambda p, i: nets.text_encoder.apply({"params": p}, i),
+                           out_shardings=rep)(frozen["text_encoder"], ids)
+
+        def restore_fn(trainable, frozen, plan, control, text, ram, key_data):
+            keys = jax.random.wrap_key_data(key_data)
+            params = {"unet": join_unet(frozen["unet"], trainable["unet_rca"]),
+                      "controlnet": trainable["controlnet"], "vae": frozen["vae"]}
+            return restore(restore_nets, settings, params, plan, control, text, ram, keys,
+                           None)
+
+        compiled_restore = jax.jit(restore_fn, out_shardings=rep)
+        control = np.stack([seesr_upscale_input(lr, options.upscale, options.process_size)
+                            for lr in lrs]).astype(np.float32) / np.float32(255.0)
+        control = _replicated(control, rep)
+        # Image i's draws come from fold_in(key(seed), i), as in SeeSRPipeline.upscale.
+        key_data = _replicated(jax.random.key_data(jax.vmap(
+            lambda i: jax.random.fold_in(jax.random.key(int(cfg.seed)), i))(
+                jnp.arange(len(lrs)))), rep)
+        cache = {}
+
+        def sample(step: int, trainable, frozen) -> dict[str, np.ndarray]:
+            if not cache:   # the frozen networks' part, once
+                ram, logits = dape_fn(frozen["dape"], dape_in)
+                prompts = [options.positive_prompt(t) for t in
+                           hard_prompt(np.asarray(logits), tags, nets.thresholds)]
+                text = encode(frozen, prompts)
+                if settings.guided:
+                    neg = encode(frozen, [options.negative_prompt] * len(prompts))
+                    text = jnp.stack([neg, text], axis=1)
+                cache.update(ram=ram, text=text)
+            out = np.asarray(compiled_restore(trainable, frozen, plan, control, cache["text"],
+                                              cache["ram"], key_data))
+            grid = np.concatenate([comparison_strip(lr, sr, hr)
+                                   for (lr, hr), sr in zip(pairs, out)], axis=0)
+            if jax.process_index() == 0:
+                out_dir.mkdir(parents=True, exist_ok=True)
+                save_image(out_dir / f"step_{step:07d}.png", grid)
+            return {"samples": grid}
+
+        return sample
+
+    return make
