@@ -25,6 +25,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         raise ValueError(f"seesr_train variant must be 'base' or 'tiny', not {variant!r}")
     tiny = variant == "tiny"
     config = ml_collections.ConfigDict()
+    config.task = "seesr"                   # jaxsr train's trainer (jaxsr/train/seesr_trainer.py)
     config.variant = variant
     config.model = seesr.get_config(variant)
     if tiny:

@@ -35,6 +35,18 @@ SD2_SCHEDULER_CONFIG = {
 }
 
 
+def dape_config(d) -> dape.DAPEConfig:
+    """configs/seesr.py's `dape` entry -> DAPEConfig (LoRA merged: lora_rank 0)."""
+    return dape.DAPEConfig(
+        swin=SwinConfig(img_size=d.img_size, patch_size=d.patch_size, embed_dim=d.embed_dim,
+                        depths=tuple(d.depths), num_heads=tuple(d.num_heads),
+                        window_size=d.window_size),
+        head=TagHeadConfig(hidden_size=d.head_width, num_hidden_layers=d.head_layers,
+                           num_attention_heads=d.head_heads,
+                           intermediate_size=d.head_intermediate, encoder_width=d.embed_width),
+        num_classes=d.num_classes, embed_width=d.embed_width)
+
+
 def model_configs(config):
     """configs/seesr.py's ConfigDict -> the networks' dataclass configs."""
     u = dict(config.unet)
@@ -46,21 +58,12 @@ def model_configs(config):
         **{k: u[k] for k in shared},
         conditioning_embedding_out_channels=tuple(
             config.controlnet.conditioning_embedding_out_channels))
-    d = config.dape
-    dape_cfg = dape.DAPEConfig(
-        swin=SwinConfig(img_size=d.img_size, patch_size=d.patch_size,
-                             embed_dim=d.embed_dim, depths=tuple(d.depths),
-                             num_heads=tuple(d.num_heads), window_size=d.window_size),
-        head=TagHeadConfig(hidden_size=d.head_width, num_hidden_layers=d.head_layers,
-                                num_attention_heads=d.head_heads,
-                                intermediate_size=d.head_intermediate,
-                                encoder_width=d.embed_width),
-        num_classes=d.num_classes, embed_width=d.embed_width)
+    dape_cfg = dape_config(config.dape)
     return (unet_cfg, cn_cfg, vae.VAEConfig(**dict(config.vae)),
             clip_text.CLIPTextConfig(**dict(config.text_encoder)), dape_cfg)
 
 
-def _init(model, *inputs, seed: int):
+def random_params(model, *inputs, seed: int):
     """Random params of `model`'s shapes, drawn in numpy (shapes from eval_shape: no
     compilation, so the tiny set is written in seconds). Kernels ~ N(0, 1/fan_in),
     norm scales ~ 1, everything else (biases, embeddings, tables) ~ N(0, 0.02²); no
@@ -103,14 +106,14 @@ def write_random_seesr(folder, config, *, seed: int = 0, log=print) -> Path:
     """Random SeeSR weights of `config`'s sizes, as a `jaxsr convert` folder."""
     unet_cfg, cn_cfg, vae_cfg, text_cfg, dape_cfg = model_configs(config)
     params = {
-        "unet": _init(unet.UNet2DConditionModel(unet_cfg), *unet.dummy_inputs(unet_cfg),
+        "unet": random_params(unet.UNet2DConditionModel(unet_cfg), *unet.dummy_inputs(unet_cfg),
                       seed=seed),
-        "controlnet": _init(controlnet.ControlNetModel(cn_cfg),
+        "controlnet": random_params(controlnet.ControlNetModel(cn_cfg),
                             *controlnet.dummy_inputs(cn_cfg), seed=seed + 1),
-        "vae": _init(vae.AutoencoderKL(vae_cfg), vae.dummy_image(vae_cfg), seed=seed + 2),
-        "text_encoder": _init(clip_text.CLIPTextModel(text_cfg),
+        "vae": random_params(vae.AutoencoderKL(vae_cfg), vae.dummy_image(vae_cfg), seed=seed + 2),
+        "text_encoder": random_params(clip_text.CLIPTextModel(text_cfg),
                               np.zeros((1, 77), np.int32), seed=seed + 3),
-        "dape": _init(dape.DAPE(dape_cfg), np.zeros(
+        "dape": random_params(dape.DAPE(dape_cfg), np.zeros(
             (1, dape_cfg.swin.img_size, dape_cfg.swin.img_size, 3), np.float32), seed=seed + 4),
     }
     modules = {"unet": (unet_cfg.to_diffusers_config(), params["unet"]),

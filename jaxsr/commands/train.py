@@ -2,6 +2,10 @@
 
     jaxsr train --config configs/seesr_train.py:tiny --workdir runs/tiny \\
         --config.data.source=folder:/data/images --config.total_steps=1000
+    jaxsr train --config configs/dape_train.py --workdir runs/dape \\
+        --config.init.ram=ram_swin_large_14m.pth --config.data.source=coco
+
+config.task picks the trainer: "seesr" (the default) or "dape".
 
 The workdir holds checkpoints/ (orbax), metrics.jsonl, tensorboard/ and config.json.
 Run the same command again to resume from the newest checkpoint. SIGTERM saves a
@@ -39,7 +43,13 @@ def run(args) -> int:
     distributed.initialize(args)            # before any JAX backend starts
     import jax
 
-    from jaxsr.train.seesr_trainer import train
+    trainers = {"seesr": "jaxsr.train.seesr_trainer", "dape": "jaxsr.train.dape_trainer"}
+    task = config.get("task", "seesr")
+    if task not in trainers:
+        raise ValueError(f"config.task {task!r} is not one of {sorted(trainers)}")
+    import importlib
+
+    train = importlib.import_module(trainers[task]).train
 
     if jax.process_index() == 0:
         args.workdir.mkdir(parents=True, exist_ok=True)
