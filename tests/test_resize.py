@@ -7,13 +7,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from jaxsr.data.resize import (
-    pil_bicubic,
-    seesr_upscale_input,
-    seesr_upscale_sizes,
-    torch_resize_bicubic,
-    torch_resize_bilinear,
-)
+from jaxsr.data.resize import pil_bicubic, seesr_upscale_input, seesr_upscale_sizes
+from jaxsr.nn.resize import torch_resize_bicubic, torch_resize_bilinear
 from tests.parity import nchw_to_nhwc
 
 # (in_h, in_w) -> (out_h, out_w): up, down, odd, mixed, identity, to/from 1 pixel

@@ -37,7 +37,7 @@ from PIL import Image
 
 from jaxsr.convert.seesr_weights import SeeSRWeights, load_seesr_folder
 from jaxsr.data.image_io import to_rgb_uint8
-from jaxsr.data.resize import linear_matrix, pil_bicubic, seesr_upscale_input, seesr_upscale_sizes
+from jaxsr.data.resize import pil_bicubic, seesr_upscale_input, seesr_upscale_sizes
 from jaxsr.diffusion.samplers import SAMPLERS, make_sampler
 from jaxsr.diffusion.schedule import SchedulerConfig
 from jaxsr.models.clip_text import CLIPTextModel
@@ -47,6 +47,7 @@ from jaxsr.models.tags import hard_prompt
 from jaxsr.models.tokenizer import load_tokenizer, tokenize
 from jaxsr.models.unet import UNet2DConditionModel
 from jaxsr.models.vae import AutoencoderKL
+from jaxsr.nn.resize import linear_matrix
 from jaxsr.parallel.mesh import make_mesh
 from jaxsr.pipelines.seesr_sampling import Networks, SamplingSettings, restore, start_coefficients
 

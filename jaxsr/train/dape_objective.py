@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from jaxsr.data.resize import torch_resize_bicubic, torch_resize_bilinear
 from jaxsr.models.dape import DAPE, ram_preprocess
+from jaxsr.nn.resize import torch_resize_bicubic, torch_resize_bilinear
 from jaxsr.train.seesr_objective import quantize8
 
 LORA_LEAVES = ("lora_A", "lora_B")

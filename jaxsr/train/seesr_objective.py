@@ -28,12 +28,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jaxsr.data.resize import torch_resize_bicubic
 from jaxsr.models.clip_text import CLIPTextModel
 from jaxsr.models.controlnet import ControlNetModel
 from jaxsr.models.dape import DAPE, ram_preprocess
 from jaxsr.models.unet import UNet2DConditionModel
 from jaxsr.models.vae import AutoencoderKL
+from jaxsr.nn.resize import torch_resize_bicubic
 from jaxsr.train.prompt_tokens import TagTokenTable, prompt_ids
 
 RCA_MARK = "image_attentions"
