@@ -6,11 +6,14 @@ KEYS = Path(__file__).parent / "data" / "keys"
 
 
 def read_listing(name: str) -> dict[str, tuple[int, ...]]:
-    """`name<TAB>[d0,d1,...]` rows (first line is a header) -> {name: shape}."""
+    """`name<TAB>shape` rows (first line is a header) -> {name: shape}; shapes are
+    written `[d0,d1,...]` or as PyTorch's tuple repr `(d0, d1, ...)` (the coser_* files)."""
     out = {}
     for line in (KEYS / name).read_text().splitlines()[1:]:
+        if not line:
+            continue
         key, shape = line.split("\t")[:2]
-        out[key] = tuple(int(d) for d in shape.strip("[]").split(",") if d)
+        out[key] = tuple(int(d) for d in shape.strip("[]() ").split(",") if d.strip())
     return out
 
 

@@ -60,12 +60,12 @@ def last_text_block_pattern(text_layers: int) -> str:
 # downsampler block; output_blocks has `layers_per_block + 1` blocks per level, the
 # last of which also carries the upsampler. diffusers nests the same modules per level.
 
-_UNET_RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
+UNET_RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
                 "out_layers.0": "norm2", "out_layers.3": "conv2",
                 "skip_connection": "conv_shortcut"}
 
 
-def _rename_prefix(tail: str, table: dict[str, str]) -> str:
+def rename_prefix(tail: str, table: dict[str, str]) -> str:
     for old, new in table.items():
         if tail.startswith(old + "."):
             return new + tail[len(old):]
@@ -90,16 +90,16 @@ def unet_key(key: str, layers_per_block: int = 2) -> str:
                 return f"down_blocks.{level}.downsamplers.0.conv.{m[3][3:]}"
             raise KeyError(key)
         if m[2] == "0":
-            return f"down_blocks.{level}.resnets.{slot}.{_rename_prefix(m[3], _UNET_RESNET)}"
+            return f"down_blocks.{level}.resnets.{slot}.{rename_prefix(m[3], UNET_RESNET)}"
         return f"down_blocks.{level}.attentions.{slot}.{m[3]}"
     if m := re.fullmatch(r"middle_block\.([012])\.(.+)", key):
         if m[1] == "1":
             return f"mid_block.attentions.0.{m[2]}"
-        return f"mid_block.resnets.{int(m[1]) // 2}.{_rename_prefix(m[2], _UNET_RESNET)}"
+        return f"mid_block.resnets.{int(m[1]) // 2}.{rename_prefix(m[2], UNET_RESNET)}"
     if m := re.fullmatch(r"output_blocks\.(\d+)\.([012])\.(.+)", key):
         level, slot = divmod(int(m[1]), up_slots)
         if m[2] == "0":
-            return f"up_blocks.{level}.resnets.{slot}.{_rename_prefix(m[3], _UNET_RESNET)}"
+            return f"up_blocks.{level}.resnets.{slot}.{rename_prefix(m[3], UNET_RESNET)}"
         if m[3].startswith("conv."):
             # The upsampler follows the resnet (and attention) of a level's last block.
             if slot != layers_per_block:
@@ -182,7 +182,7 @@ def text_keys(key: str, value: np.ndarray) -> list[tuple[str, np.ndarray]]:
         q, k, v = np.split(value, 3, axis=0)
         return [(f"{base}self_attn.{p}_proj.{m2[1]}", x) for p, x in (("q", q), ("k", k),
                                                                       ("v", v))]
-    return [(base + _rename_prefix(m[2], _TEXT_BLOCK), value)]
+    return [(base + rename_prefix(m[2], _TEXT_BLOCK), value)]
 
 
 # --- the whole file ---------------------------------------------------------------------

@@ -33,7 +33,7 @@ from flax import traverse_util
 _NUMERIC = re.compile(r"^\d+$")
 # Torch module names that end in "_<digit>" themselves (not list indices); the
 # inverse mapping must leave them whole.
-NAMES_WITH_DIGIT_SUFFIX = frozenset({"linear_1", "linear_2"})
+NAMES_WITH_DIGIT_SUFFIX = frozenset({"linear_1", "linear_2", "ln_1", "ln_2"})
 _WEIGHT_LEAVES = ("kernel", "scale", "embedding")
 
 
