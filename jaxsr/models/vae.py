@@ -12,6 +12,7 @@ state dict with the generic strict rule of `jaxsr.convert.tree`.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -187,7 +188,11 @@ class VAEMidBlock(nn.Module):
 
 class DownEncoderBlock(nn.Module):
     """`layers` resnets, then (except at the last level) a stride-2 conv padded
-    only right and bottom, as the LDM VAE weights expect."""
+    only right and bottom, as the LDM VAE weights expect.
+
+    With `return_features=True` returns (output, the map after the resnets and
+    before the downsampler), the map StableSR's CFW decoder fuses.
+    """
 
     channels: int
     layers: int
@@ -196,17 +201,22 @@ class DownEncoderBlock(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, h):
+    def __call__(self, h, return_features: bool = False):
         for j in range(self.layers):
             h = ResnetBlock2D(self.channels, self.groups, _EPS, self.dtype, name=f"resnets_{j}")(h)
+        features = h
         if self.add_downsample:
             h = Downsample2D(self.channels, asymmetric_pad=True, dtype=self.dtype,
                              name="downsamplers_0")(h)
-        return h
+        return (h, features) if return_features else h
 
 
 class UpDecoderBlock(nn.Module):
-    """`layers` resnets, then (except at the last level) nearest ×2 and a conv."""
+    """`layers` resnets, then (except at the last level) nearest ×2 and a conv.
+
+    `before_upsample`, if given, maps the resnets' output [B, h, w, C] to a map of
+    the same shape before the upsampler (StableSR's CFW decoder fuses there).
+    """
 
     channels: int
     layers: int
@@ -215,9 +225,11 @@ class UpDecoderBlock(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, h):
+    def __call__(self, h, before_upsample: Callable | None = None):
         for j in range(self.layers):
             h = ResnetBlock2D(self.channels, self.groups, _EPS, self.dtype, name=f"resnets_{j}")(h)
+        if before_upsample is not None:
+            h = before_upsample(h)
         if self.add_upsample:
             h = Upsample2D(self.channels, dtype=self.dtype, name="upsamplers_0")(h)
         return h
@@ -225,43 +237,62 @@ class UpDecoderBlock(nn.Module):
 
 class Encoder(nn.Module):
     """[B, H, W, in] -> [B, H/2^(L-1), W/2^(L-1), 2·latent] (mean and log-variance,
-    before `quant_conv`)."""
+    before `quant_conv`).
+
+    `feature_levels`: levels whose map after the resnets (before the downsampler),
+    [B, H/2^i, W/2^i, block_out_channels[i]] for level i, is also returned; the
+    result is then (output, tuple of those maps in the order given).
+    """
 
     config: VAEConfig
     attention: str = "xla"
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, feature_levels: tuple[int, ...] = ()):
         cfg, dt = self.config, self.dtype
         chans = cfg.block_out_channels
         h = conv(chans[0], "conv_in", dtype=dt)(x.astype(dt))
+        features = {}
         for i, ch in enumerate(chans):
-            h = DownEncoderBlock(ch, cfg.layers_per_block, cfg.norm_num_groups,
-                                 add_downsample=i < len(chans) - 1, dtype=dt,
-                                 name=f"down_blocks_{i}")(h)
+            block = DownEncoderBlock(ch, cfg.layers_per_block, cfg.norm_num_groups,
+                                     add_downsample=i < len(chans) - 1, dtype=dt,
+                                     name=f"down_blocks_{i}")
+            if i in feature_levels:
+                h, features[i] = block(h, return_features=True)
+            else:
+                h = block(h)
         h = VAEMidBlock(chans[-1], cfg.norm_num_groups, self.attention, dt, name="mid_block")(h)
         h = GroupNorm(cfg.norm_num_groups, _EPS, dt, name="conv_norm_out")(h)
-        return conv(2 * cfg.latent_channels, "conv_out", dtype=dt)(nn.silu(h))
+        out = conv(2 * cfg.latent_channels, "conv_out", dtype=dt)(nn.silu(h))
+        if feature_levels:
+            return out, tuple(features[i] for i in feature_levels)
+        return out
 
 
 class Decoder(nn.Module):
-    """[B, h, w, latent] (after `post_quant_conv`) -> [B, h·2^(L-1), w·2^(L-1), out]."""
+    """[B, h, w, latent] (after `post_quant_conv`) -> [B, h·2^(L-1), w·2^(L-1), out].
+
+    `before_upsample`: {up-block index i: fn} applies fn to `up_blocks_i`'s resnet
+    output before its upsampler (see UpDecoderBlock).
+    """
 
     config: VAEConfig
     attention: str = "xla"
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, z):
+    def __call__(self, z, before_upsample: Mapping[int, Callable] | None = None):
         cfg, dt = self.config, self.dtype
+        hooks = before_upsample or {}
         rev = cfg.block_out_channels[::-1]
         h = conv(rev[0], "conv_in", dtype=dt)(z.astype(dt))
         h = VAEMidBlock(rev[0], cfg.norm_num_groups, self.attention, dt, name="mid_block")(h)
         for i, ch in enumerate(rev):
             # One resnet more per level than the encoder, as in diffusers.
             h = UpDecoderBlock(ch, cfg.layers_per_block + 1, cfg.norm_num_groups,
-                               add_upsample=i < len(rev) - 1, dtype=dt, name=f"up_blocks_{i}")(h)
+                               add_upsample=i < len(rev) - 1, dtype=dt,
+                               name=f"up_blocks_{i}")(h, before_upsample=hooks.get(i))
         h = GroupNorm(cfg.norm_num_groups, _EPS, dt, name="conv_norm_out")(h)
         return conv(cfg.out_channels, "conv_out", dtype=dt)(nn.silu(h))
 
