@@ -237,6 +237,7 @@ def _fixed_batch_losses(config, photos, result):
     return float(loss(lora0)), float(loss(jax.device_get(result.state.params)))
 
 
+@pytest.mark.slow   # three compiles of the train step and loss: ~3-4 min on 2 cores
 def test_dape_trainer_trains_exports_resumes_and_stops_on_divergence(tmp_path, capsys):
     from jaxsr.data.samples import sample_image_folder
     from jaxsr.train.dape_trainer import train
