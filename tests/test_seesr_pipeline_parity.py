@@ -23,18 +23,18 @@ from jaxsr.pipelines.seesr import Noises, SeeSROptions, SeeSRPipeline
 from tests import seesr_pipeline_reference as ref
 from tests import seesr_reference as rca
 from tests.parity import nchw_to_nhwc, psnr_uint8
-from tests.sd2_fixtures import build_tiny_sd2, save_diffusers_folder
-from tests.test_clip_text import write_tiny_tokenizer
-from tests.test_convert_seesr_cli import save_seesr_module
-from tests.test_dape import (
+from tests.ram_reference import (
     CLASSES,
     IMG,
     WIDTH,
-    _apply_lora_explicitly,
-    _build_reference,
-    _lora_dict,
-    _ram_state,
+    apply_lora_explicitly,
+    build_reference,
+    lora_dict,
+    ram_state,
 )
+from tests.sd2_fixtures import build_tiny_sd2, save_diffusers_folder
+from tests.test_clip_text import write_tiny_tokenizer
+from tests.test_convert_seesr_cli import save_seesr_module
 from tests.test_unet import TINY, randomize_
 
 TEXT_WIDTH = 32            # tests/sd2_fixtures' text encoder
@@ -76,12 +76,12 @@ def release(tmp_path_factory):
     save_seesr_module(unet, root / "seesr" / "unet", WIDTH)
     save_seesr_module(cn, root / "seesr" / "controlnet", WIDTH)
 
-    ram = _build_reference(seed=5)
-    lora = _lora_dict(ram, seed=6)
-    torch.save({"model": {k: torch.from_numpy(v) for k, v in _ram_state(ram).items()}},
+    ram = build_reference(seed=5)
+    lora = lora_dict(ram, seed=6)
+    torch.save({"model": {k: torch.from_numpy(v) for k, v in ram_state(ram).items()}},
                root / "ram_swin_large_14m.pth")
     torch.save({k: torch.from_numpy(v) for k, v in lora.items()}, root / "DAPE.pth")
-    _apply_lora_explicitly(ram, lora)
+    apply_lora_explicitly(ram, lora)
 
     # Thresholds from the reference's own tag probabilities on the test LR.
     logits = ref.dape_outputs(Image.fromarray(LR), ram, IMG)[1]
