@@ -1,0 +1,242 @@
+"""The device half of CoSeR inference: cognitive embedding → LR latent start → reference
+generation → SR sampling → decode → colour fix, as one function for jit.
+
+    coser_restore(nets, settings, params, schedule, lr, prompt_emb, negative_emb, keys,
+                  noises=None) -> CoSeROutput
+
+lr: [B, h, w, 3] float32 in [0, 1], the raw LR (4h, 4w multiples of the VAE's factor).
+prompt_emb: [B, Lp, D] text embedding of the prompt ("" by default; 77 tokens).
+negative_emb: [B, Ln, D] text embedding of the negative prompt (77 tokens).
+keys: [B] typed PRNG keys, one per image (ignored when `noises` is given).
+noises: None, or explicit draws {"start": [B, h', w', c], "reference_steps":
+  [N, B, h', w', c], "steps": [N, B, h', w', c]} (latent NHWC, h' = 4h/8) to replay a
+  reference run exactly; `draw_noises` gives the ones `keys` would give.
+
+Per image, as CoSeR's scripts/inference.py (docs/coser_reference.md §7):
+1. E = cognitive(lr) [B, 50, 1024];
+2. im_lq = clamp(bicubic×4(2·lr − 1), −1, 1); z_lr = scaling · VAE.encode(im_lq).mode();
+3. x_T = √ᾱ_999·z_lr + √(1−ᾱ_999)·ε with the base 1000-step tables (not pure noise);
+4. reference generation: the respaced N-step DDPM from x_T with the UNet in gen mode,
+   ε = ε_n + g_ref·(ε_p − ε_n); positive context [p; E] (127 tokens), negative
+   context the negative-prompt embedding alone in E's slot (77 tokens). The two
+   contexts differ in length, so the branches are two UNet calls, not one batch;
+5. SR: the same DDPM from the same x_T; per step the ControlNet runs once for the LR
+   hint (X) and the reference-latent hint (R) (one doubled batch), and both guidance
+   branches read those features: ε_p = UNet([p; E], X, R), ε_n = UNet(n, X, R);
+6. decode with the plain VAE decoder, or the CFW decoder with the features of im_lq;
+   optional colour fix against im_lq in [−1, 1] (StableSR fixes the decoder output
+   before mapping it to [0, 1]); uint8 = trunc(clamp((x + 1)/2)·255).
+The reference latent is also decoded (plain VAE, no colour fix): the image saved
+beside the output.
+
+The respaced sampler is jaxsr.diffusion.respace: the networks get the original t_k,
+the coefficients the index k, no noise at k = 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxsr.diffusion.colorfix import color_fix, to_uint8_truncate
+from jaxsr.diffusion.respace import RespacedSchedule, ldm_noise_tables, respaced_step
+from jaxsr.models.cfw_vae import CFWAutoencoderKL
+from jaxsr.models.cognitive import CognitiveEncoder
+from jaxsr.models.coser_controlnet import CoSeRControlNet
+from jaxsr.models.coser_unet import CoSeRUNet, coser_context
+from jaxsr.models.vae import AutoencoderKL
+from jaxsr.nn.resize import torch_resize_bicubic
+
+# Stream ids folded into each image's key: one independent stream per use.
+START_STREAM, REFERENCE_STREAM, SR_STREAM = 0, 1, 2
+UPSCALE = 4
+
+_SQRT_AC, _SQRT_ONE_MINUS_AC = ldm_noise_tables()
+
+
+class CoSeRSettings(NamedTuple):
+    """Everything that changes the compiled program (hashable, static under jit).
+    Defaults are CoSeR's inference defaults (cfg 3.0, cfg_ref 3.0, dec_w 0.5, no
+    colour fix) and the t = 999 start coefficients of SD's 1000-step schedule."""
+
+    guidance_scale: float = 3.0              # SR pass
+    reference_guidance_scale: float = 3.0    # reference generation
+    color_fix: str = "nofix"                 # "adain" | "wavelet" | "nofix"
+    fusion_weight: float = 0.5               # CFW w, used when nets.cfw is given
+    start_sqrt_alpha: float = float(_SQRT_AC[-1])
+    start_sqrt_one_minus_alpha: float = float(_SQRT_ONE_MINUS_AC[-1])
+
+
+class CoSeRNetworks(NamedTuple):
+    """The modules (static). `cfw`: None for the plain VAE decoder."""
+
+    cognitive: CognitiveEncoder
+    unet: CoSeRUNet
+    controlnet: CoSeRControlNet
+    vae: AutoencoderKL
+    cfw: CFWAutoencoderKL | None = None
+
+
+class CoSeROutput(NamedTuple):
+    image: jax.Array              # [B, 4h, 4w, 3] uint8, the SR result
+    reference_image: jax.Array    # [B, 4h, 4w, 3] uint8, the decoded reference latent
+    latent: jax.Array             # [B, h', w', c] float32, the final SR latent (scaled)
+    reference_latent: jax.Array   # [B, h', w', c] float32, z_ref (scaled)
+
+
+def _draw(keys, stream: int, index, shape):
+    """One standard-normal [B, *shape] draw per image from its own key: key → fold_in
+    stream → fold_in step index (when not None). Independent of the batch's makeup."""
+    def one(key):
+        key = jax.random.fold_in(key, stream)
+        if index is not None:
+            key = jax.random.fold_in(key, index)
+        return jax.random.normal(key, shape, jnp.float32)
+    return jax.vmap(one)(keys)
+
+
+def draw_noises(keys, num_steps: int, latent_shape) -> dict[str, jax.Array]:
+    """The draws `coser_restore` makes from `keys` ([B] typed keys), in the explicit
+    `noises` layout: start [B, *latent_shape], reference_steps and steps
+    [N, B, *latent_shape] (loop order: entry i is used at loop step i)."""
+    latent_shape = tuple(latent_shape)
+    per_step = lambda stream: jnp.stack(
+        [_draw(keys, stream, i, latent_shape) for i in range(num_steps)])
+    return {"start": _draw(keys, START_STREAM, None, latent_shape),
+            "reference_steps": per_step(REFERENCE_STREAM), "steps": per_step(SR_STREAM)}
+
+
+def _noise_source(keys, noises, latent_shape):
+    """noise(name, stream, i=None) -> [B, *latent_shape]: the explicit draw or a fresh
+    one. Fresh draws are made inside the loop, one step at a time (no [N, ...] buffer)."""
+    def noise(name, stream, i=None):
+        if noises is not None:
+            x = noises[name]
+            return (x[i] if i is not None else x).astype(jnp.float32)
+        return _draw(keys, stream, i, latent_shape)
+    return noise
+
+
+def lq_image(lr):
+    """im_lq = clamp(bicubic×4(2·lr − 1), −1, 1) with PyTorch's bicubic (a = −0.75).
+    lr [B, h, w, 3] in [0, 1] -> [B, 4h, 4w, 3] float32."""
+    _, h, w, _ = lr.shape
+    up = torch_resize_bicubic(2.0 * lr.astype(jnp.float32) - 1.0, (UPSCALE * h, UPSCALE * w))
+    return jnp.clip(up, -1.0, 1.0)
+
+
+def guide(eps_neg, eps_pos, scale: float):
+    """Classifier-free guidance ε_n + g·(ε_p − ε_n) in float32."""
+    eps_neg, eps_pos = eps_neg.astype(jnp.float32), eps_pos.astype(jnp.float32)
+    return eps_neg + scale * (eps_pos - eps_neg)
+
+
+def _timesteps(schedule: RespacedSchedule, i, batch: int):
+    """The original t_k of loop step i, one per image: [B] int32."""
+    return jnp.full((batch,), schedule.timesteps[i], jnp.int32)
+
+
+def generate_reference(nets: CoSeRNetworks, settings: CoSeRSettings, unet_params,
+                       schedule: RespacedSchedule, x_start, positive, negative, noise):
+    """Reference latent z_ref: the respaced DDPM from x_start with the gen-mode UNet.
+
+    x_start [B, h', w', c]; positive [B, Lp + Le, D] ([p; E]); negative [B, Ln, D].
+    Returns float32 [B, h', w', c]."""
+    g = settings.reference_guidance_scale
+    b = x_start.shape[0]
+
+    def eps_of(x, t, ctx):
+        return nets.unet.apply({"params": unet_params}, x, t, ctx)
+
+    def body(i, x):
+        t = _timesteps(schedule, i, b)
+        eps = eps_of(x, t, positive)
+        if g != 1.0:   # as LDM: no unconditional pass without guidance
+            eps = guide(eps_of(x, t, negative), eps, g)
+        return respaced_step(schedule, i, x, eps, noise("reference_steps", REFERENCE_STREAM, i))
+
+    return jax.lax.fori_loop(0, schedule.num_steps, body, x_start.astype(jnp.float32))
+
+
+def super_resolve(nets: CoSeRNetworks, settings: CoSeRSettings, params,
+                  schedule: RespacedSchedule, x_start, z_lr, z_ref, positive, negative, noise):
+    """The SR pass: the respaced DDPM from x_start with the ControlNet + AiA UNet.
+
+    The ControlNet reads the positive context only; its LR features X and reference
+    features R are computed once per step and shared by both guidance branches.
+    Shapes as `generate_reference`; z_lr, z_ref [B, h', w', c]. Returns float32."""
+    g = settings.guidance_scale
+    b = x_start.shape[0]
+
+    def body(i, x):
+        t = _timesteps(schedule, i, b)
+        lr_feats, ref_feats = nets.controlnet.apply(
+            {"params": params["controlnet"]}, x, t, positive, z_lr, z_ref,
+            method="lr_and_reference")
+        eps_of = lambda ctx: nets.unet.apply({"params": params["unet"]}, x, t, ctx,
+                                             lr_feats, ref_feats)
+        eps = eps_of(positive)
+        if g != 1.0:
+            eps = guide(eps_of(negative), eps, g)
+        return respaced_step(schedule, i, x, eps, noise("steps", SR_STREAM, i))
+
+    return jax.lax.fori_loop(0, schedule.num_steps, body, x_start.astype(jnp.float32))
+
+
+def decode_image(nets: CoSeRNetworks, settings: CoSeRSettings, params, z, im_lq,
+                 use_cfw: bool, fix: bool):
+    """Scaled latent -> uint8 image [B, 8h', 8w', 3]: plain or CFW decode, colour fix
+    against im_lq in [−1, 1] when `fix`, then trunc(clamp((x + 1)/2)·255)."""
+    z = z / nets.vae.config.scaling_factor
+    if use_cfw:
+        cfw = {"params": params["cfw"]}
+        feats = nets.cfw.apply(cfw, im_lq, method="encode_features")
+        image = nets.cfw.apply(cfw, z, feats, settings.fusion_weight, method="decode_cfw")
+    else:
+        image = nets.vae.apply({"params": params["vae"]}, z, method="decode")
+    if fix:
+        image = color_fix(image, im_lq, settings.color_fix)
+    return to_uint8_truncate((image + 1.0) / 2.0)
+
+
+def coser_restore(nets: CoSeRNetworks, settings: CoSeRSettings, params: dict[str, Any],
+                  schedule: RespacedSchedule, lr, prompt_emb, negative_emb, keys,
+                  noises=None) -> CoSeROutput:
+    """See the module docstring. params: {"cognitive", "unet", "controlnet", "vae"} and,
+    with nets.cfw, "cfw" (the CFW autoencoder's own tree: encoder + fusion decoder).
+
+    jit with nets and settings static, e.g.
+    `jax.jit(coser_restore, static_argnums=(0, 1))`."""
+    b, h, w, _ = lr.shape
+    factor = 2 ** (len(nets.vae.config.block_out_channels) - 1)
+    if (UPSCALE * h) % factor or (UPSCALE * w) % factor:
+        raise ValueError(f"coser_restore: the ×{UPSCALE} size {UPSCALE * h}×{UPSCALE * w} "
+                         f"must be a multiple of the VAE factor {factor}")
+    if settings.color_fix not in ("adain", "wavelet", "nofix"):
+        raise ValueError(f"unknown colour-fix method {settings.color_fix!r}")
+    lr = lr.astype(jnp.float32)
+
+    adapter = nets.cognitive.apply({"params": params["cognitive"]}, lr)
+    positive = coser_context(prompt_emb, adapter)       # [B, Lp + Le, D]
+    negative = coser_context(None, negative_emb)        # [B, Ln, D]
+
+    im_lq = lq_image(lr)
+    posterior = nets.vae.apply({"params": params["vae"]}, im_lq, method="encode")
+    z_lr = posterior.mode() * nets.vae.config.scaling_factor
+
+    noise = _noise_source(keys, noises, z_lr.shape[1:])
+    x_start = (settings.start_sqrt_alpha * z_lr
+               + settings.start_sqrt_one_minus_alpha * noise("start", START_STREAM))
+
+    z_ref = generate_reference(nets, settings, params["unet"], schedule, x_start, positive,
+                               negative, noise)
+    z = super_resolve(nets, settings, params, schedule, x_start, z_lr, z_ref, positive,
+                      negative, noise)
+
+    use_cfw = nets.cfw is not None
+    image = decode_image(nets, settings, params, z, im_lq, use_cfw,
+                         fix=settings.color_fix != "nofix")
+    reference = decode_image(nets, settings, params, z_ref, im_lq, False, fix=False)
+    return CoSeROutput(image, reference, z, z_ref)
