@@ -102,10 +102,11 @@ def seesr_sampler(config, nets: SeeSRTrainNets, tags: list[str], tokenizer,
         dape_in = _replicated(np.stack([dape_input(lr, tag_size) for lr in lrs]), rep)
         dape_fn = jax.jit(lambda p, x: nets.dape.apply({"params": p}, x), out_shardings=rep)
 
+        text_fn = jax.jit(lambda p, ids: nets.text_encoder.apply({"params": p}, ids),
+                          out_shardings=rep)
+
         def encode(frozen, prompts):
-            ids = _replicated(tokenize(tokenizer, prompts), rep)
-            return jax.jit(lambda p, i: nets.text_encoder.apply({"params": p}, i),
-                           out_shardings=rep)(frozen["text_encoder"], ids)
+            return text_fn(frozen["text_encoder"], _replicated(tokenize(tokenizer, prompts), rep))
 
         def restore_fn(trainable, frozen, plan, control, text, ram, key_data):
             keys = jax.random.wrap_key_data(key_data)
