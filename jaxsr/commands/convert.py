@@ -2,6 +2,9 @@
 
     jaxsr convert --sd SD2 --output DIR
     jaxsr convert --sd SD2 --seesr SEESR_DIR --ram RAM.pth --dape DAPE.pth --output DIR
+    jaxsr convert --coser CoSeR.ckpt --qformer QF.ckpt --sd v2-1_512-ema-pruned.ckpt \
+        [--cfw vqgan_cfw_00011.ckpt] [--open-clip open_clip_pytorch_model.bin] \
+        [--tokenizer SD21/tokenizer] --output DIR
 
 The output folder holds the converted Flax parameters and a manifest (sources,
 hashes, dtypes, configs); `jaxsr sr --weights DIR` and the Python API read it
@@ -33,6 +36,21 @@ def register(sub) -> None:
     p.add_argument("--unet-from-sd", action="store_true",
                    help="SeeSR's sd-turbo mode: the UNet is --sd's (e.g. sd-turbo) with only "
                         "the RCA blocks taken from SeeSR's unet/")
+    c = p.add_argument_group("CoSeR (instead of --seesr)")
+    c.add_argument("--coser", type=Path, help="CoSeR checkpoint (Lightning .ckpt, stage 2)")
+    c.add_argument("--qformer", type=Path,
+                   help="CoSeR stage-1 checkpoint (cognitive encoder: Q-Former + SRResNet)")
+    c.add_argument("--cfw", type=Path,
+                   help="StableSR's CFW autoencoder vqgan_cfw_00011.ckpt (optional decoder)")
+    c.add_argument("--open-clip", type=Path,
+                   help="open_clip ViT-H-14 laion2b_s32b_b79k weights; only needed when no "
+                        "CoSeR checkpoint holds the vision tower")
+    c.add_argument("--tokenizer", type=Path,
+                   help="CLIP tokenizer folder (vocab.json, merges.txt), e.g. SD 2.1-base's "
+                        "tokenizer/ (default: --sd's when it is a diffusers folder)")
+    c.add_argument("--config", metavar="FILE.py[:VARIANT]",
+                   help="CoSeR architecture config (default: the released sizes, "
+                        "configs/coser.py); e.g. configs/coser.py:tiny")
     p.add_argument("--output", required=True, type=Path, help="folder to write")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="storage dtype of the converted weights (default float32)")
@@ -54,6 +72,12 @@ def run(args) -> int:
     out: Path = args.output
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    coser = (args.coser, args.qformer, args.cfw, args.open_clip, args.config, args.tokenizer)
+    if any(x is not None for x in coser):
+        if args.seesr is not None or args.ram is not None or args.dape is not None:
+            raise ValueError("--coser and --seesr/--ram/--dape convert different models; "
+                             "give one set")
+        return _run_coser(args)
     if args.seesr is not None or args.ram is not None or args.dape is not None:
         return _run_seesr(args)
     if args.unet_from_sd:
@@ -85,4 +109,28 @@ def _run_seesr(args) -> int:
     print(f"converted SeeSR -> {out}")
     for name, entry in read_manifest(out)["modules"].items():
         print(f"  {name:<14} {entry['parameters']:>13,d} parameters  ({args.dtype})")
+    return 0
+
+
+def _run_coser(args) -> int:
+    from jaxsr.convert.cache import read_manifest
+    from jaxsr.convert.coser_weights import RELEASED, CoSeRArchitecture, convert_coser
+
+    if args.coser is None or args.qformer is None:
+        raise ValueError("CoSeR needs --coser (the stage-2 checkpoint) and --qformer (the "
+                         "stage-1 cognitive-encoder checkpoint), with --sd (SD 2.1-base)")
+    if args.unet_from_sd:
+        raise ValueError("--unet-from-sd is a SeeSR option")
+    arch = RELEASED
+    if args.config is not None:
+        from jaxsr.train.config_file import load_config
+
+        arch = CoSeRArchitecture.from_config(load_config(args.config))
+    out = convert_coser(coser=args.coser, qformer=args.qformer, sd=args.sd, cfw=args.cfw,
+                        open_clip=args.open_clip, tokenizer=args.tokenizer,
+                        output=args.output, arch=arch, dtype=args.dtype)
+    print(f"converted CoSeR -> {out}")
+    for name, entry in read_manifest(out)["modules"].items():
+        print(f"  {name:<14} {entry['parameters']:>13,d} parameters  ({args.dtype})")
+    sys.stdout.flush()
     return 0

@@ -42,6 +42,7 @@ class ConversionError(ValueError):
     misshaped key, so a user sees the whole problem at once."""
 
     def __init__(self, what: str, missing=(), unexpected=(), mismatched=(), limit: int = 50):
+        self.what = what
         self.missing, self.unexpected, self.mismatched = list(missing), list(unexpected), list(
             mismatched)
         lines = [f"{what} does not match the model:"]

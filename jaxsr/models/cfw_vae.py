@@ -25,6 +25,7 @@ Param tree: exactly `AutoencoderKL`'s (`encoder`, `decoder`, `quant_conv`,
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -193,6 +194,9 @@ class CFWAutoencoderKL(AutoencoderKL):
         return self.decode_cfw(posterior.mode(), features)
 
 
+# Cached: tracing the init costs seconds, and conversions of one model ask repeatedly.
+# Callers only read the tree.
+@functools.cache
 def cfw_param_shapes(config: VAEConfig = SD2_VAE, cfw: CFWConfig = CFWConfig()):
     """The Flax param tree as ShapeDtypeStructs, without allocating it."""
     model = CFWAutoencoderKL(config, cfw=cfw)

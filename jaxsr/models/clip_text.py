@@ -14,6 +14,7 @@ generic `jaxsr.convert.tree` rule converts the released checkpoints.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -202,6 +203,9 @@ class CLIPTextModel(nn.Module):
         return out.astype(jnp.float32)
 
 
+# Cached: tracing the init costs seconds, and conversions of one model ask repeatedly.
+# Callers only read the tree.
+@functools.cache
 def param_shapes(config: CLIPTextConfig):
     """The Flax param tree's shapes (ShapeDtypeStructs), without allocating weights."""
     model = CLIPTextModel(config)

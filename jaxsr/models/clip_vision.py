@@ -26,6 +26,7 @@ ln_2, mlp/{c_fc, c_proj}}`, `ln_post`, `proj`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -199,6 +200,9 @@ class CLIPVisionTower(nn.Module):
         return tokens.astype(jnp.float32)
 
 
+# Cached: tracing the init costs seconds, and conversions of one model ask repeatedly.
+# Callers only read the tree.
+@functools.cache
 def param_shapes(config: CLIPVisionConfig = VIT_H_14):
     """The Flax param tree's shapes (ShapeDtypeStructs), without allocating weights."""
     pixels = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)

@@ -26,6 +26,7 @@ encoder_hidden_states [B, Lc, 1024]. Feature shapes: jaxsr.models.coser_unet.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -131,6 +132,9 @@ def dummy_inputs(config: CoSeRControlNetConfig, batch: int = 1, size: int = 8):
     return sample, jnp.zeros((batch,), jnp.int32), ctx, sample
 
 
+# Cached: tracing the init costs seconds, and conversions of one model ask repeatedly.
+# Callers only read the tree.
+@functools.cache
 def param_shapes(config: CoSeRControlNetConfig = COSER_CONTROLNET):
     """The Flax param tree's shapes (ShapeDtypeStructs), without allocating it."""
     model = CoSeRControlNet(config)

@@ -23,6 +23,7 @@ context, used to generate the reference latent).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -201,6 +202,9 @@ def dummy_inputs(config: CoSeRUNetConfig, batch: int = 1, size: int = 8):
     return sample, jnp.zeros((batch,), jnp.int32), ctx, feats, feats
 
 
+# Cached: tracing the init costs seconds, and conversions of one model ask repeatedly.
+# Callers only read the tree.
+@functools.cache
 def param_shapes(config: CoSeRUNetConfig = COSER_UNET):
     """The Flax param tree's shapes (ShapeDtypeStructs), without allocating it."""
     model = CoSeRUNet(config)

@@ -37,6 +37,7 @@ output/{dense, LayerNorm}}`, `.../{intermediate, intermediate_query}/dense`,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 
 import flax.linen as nn
@@ -276,6 +277,9 @@ class QFormer(nn.Module):
         return out.astype(jnp.float32)
 
 
+# Cached: tracing the init costs seconds, and conversions of one model ask repeatedly.
+# Callers only read the tree.
+@functools.cache
 def param_shapes(config: QFormerConfig = COSER_QFORMER):
     """The Flax param tree's shapes (ShapeDtypeStructs), without allocating weights."""
     tokens = jnp.zeros((1, 4, config.encoder_width), jnp.float32)

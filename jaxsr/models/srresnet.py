@@ -15,6 +15,7 @@ stride 1, padding 1. Param names mirror the torch module names
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -106,6 +107,9 @@ class MSRResNet(nn.Module):
         return out + base
 
 
+# Cached: tracing the init costs seconds, and conversions of one model ask repeatedly.
+# Callers only read the tree.
+@functools.cache
 def param_shapes(config: SRResNetConfig = COSER_SRRESNET):
     """The Flax param tree's shapes (ShapeDtypeStructs), without allocating weights."""
     lr = jnp.zeros((1, 8, 8, config.num_in_ch), jnp.float32)

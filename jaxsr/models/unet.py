@@ -12,6 +12,7 @@ encoder_hidden_states [B, 77, 1024], image_encoder_hidden_states [B, 145, 512].
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -276,6 +277,9 @@ def dummy_inputs(config: UNetConfig, batch: int = 1, size: int = 8):
     return sample, jnp.zeros((batch,), jnp.int32), ctx, img
 
 
+# Cached: tracing the init costs seconds, and conversions of one model ask repeatedly.
+# Callers only read the tree.
+@functools.cache
 def param_shapes(config: UNetConfig):
     """The Flax param tree's shapes (ShapeDtypeStructs), without allocating it."""
     model = UNet2DConditionModel(config)

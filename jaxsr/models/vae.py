@@ -12,6 +12,7 @@ state dict with the generic strict rule of `jaxsr.convert.tree`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
@@ -337,6 +338,9 @@ def dummy_image(config: VAEConfig):
     return jnp.zeros((1, side, side, config.in_channels), jnp.float32)
 
 
+# Cached: tracing the init costs seconds, and conversions of one model ask repeatedly.
+# Callers only read the tree.
+@functools.cache
 def param_shapes(config: VAEConfig):
     """The Flax param tree as ShapeDtypeStructs, without allocating it."""
     model = AutoencoderKL(config)
