@@ -134,3 +134,104 @@ def reference_coser(lr, *, sr, tower, qformer, query_tokens, vision_size, vae, u
     ref_image = vae.decode(z_ref / SCALE).sample
     return dict(latent=z, reference_latent=z_ref, image=to_uint8(image),
                 reference_image=to_uint8(ref_image), timesteps=tab["t"])
+
+
+def stablesr_tile_weights(tile: int) -> torch.Tensor:
+    """StableSR's `_gaussian_weights` for a square tile: outer(y, x) of Gaussians with
+    variance 0.01 in units of the tile, midpoints (T−1)/2 along x and T/2 along y."""
+    var = 0.01
+
+    def probs(mid):
+        return [np.exp(-(i - mid) * (i - mid) / (tile * tile) / (2 * var))
+                / np.sqrt(2 * np.pi * var) for i in range(tile)]
+
+    return torch.tensor(np.outer(probs(tile / 2), probs((tile - 1) / 2)))
+
+
+def _grid_count(size: int, tile: int, overlap: int) -> int:
+    n, cur = 0, 0
+    while cur < size:
+        cur = max(n * tile - overlap * n, 0) + tile
+        n += 1
+    return n
+
+
+def tiled_eps(x, z_lr, z_ref, t, pos, neg, unet, cn, cfg, tile, overlap):
+    """`p_mean_variance_canvas`'s ε: per tile (rows over x outer, columns over y inner,
+    the last flush to the edge) the ControlNet on both hints and the guided AiA UNet,
+    blended with the Gaussian weights."""
+    _, _, h, w = x.shape
+    rows, cols = _grid_count(w, tile, overlap), _grid_count(h, tile, overlap)
+    weights = stablesr_tile_weights(tile)
+    acc = torch.zeros(x.shape)
+    contributors = torch.zeros(x.shape)
+    for row in range(rows):
+        for col in range(cols):
+            ox = w - tile if row == rows - 1 else row * (tile - overlap)
+            oy = h - tile if col == cols - 1 else col * (tile - overlap)
+            box = (slice(None), slice(None), slice(oy, oy + tile), slice(ox, ox + tile))
+            xt = x[box]
+            feats_lr, feats_ref = cn(xt, z_lr[box], t, pos), cn(xt, z_ref[box], t, pos)
+            ep = aia.aia_unet_forward(unet, xt, t, pos, feats_lr, feats_ref)
+            en = aia.aia_unet_forward(unet, xt, t, neg, feats_lr, feats_ref)
+            acc[box] += (en + cfg * (ep - en)) * weights
+            contributors[box] += weights
+    return acc / contributors
+
+
+def patch_starts(length: int, size: int, stride: int) -> list[int]:
+    """ImageSpliterTh.extract_starts."""
+    if length <= size:
+        return [0]
+    starts = list(range(0, length, stride))
+    for i in range(len(starts)):
+        if starts[i] + size > length:
+            starts[i] = length - size
+    return sorted(set(starts), key=starts.index)
+
+
+@torch.no_grad()
+def reference_coser_tiled(lr, *, sr, tower, qformer, query_tokens, vision_size, vae, unet, cn,
+                          prompt, negative, noises, steps, cfg=3.0, fix="none", input_size=512,
+                          tile=64, overlap=32, patch=1280, stride=1000, upscale=4):
+    """scripts/inference_tile.py for one image (batch 1): lr [1, 3, h, w] in [0, 1];
+    prompt/negative [1, 77, D]; noises {"start", "steps"} for one patch (the script
+    reseeds before every patch, so every patch draws the same). Returns uint8 NHWC."""
+    tokens = tower.coser_tokens(torch_clip_preprocess(sr(lr), vision_size))
+    e = qformer(query_embeds=query_tokens, encoder_hidden_states=tokens).last_hidden_state
+    pos, neg = torch.cat([prompt, e], dim=1), negative
+    h, w = lr.shape[2:]
+    s = max(input_size / min(h, w), upscale)
+    big_h, big_w = int(h * s), int(w * s)
+    im_lq = torch.clamp(F.interpolate(2.0 * lr - 1.0, size=(big_h, big_w), mode="bicubic",
+                                      align_corners=False), -1.0, 1.0)
+    pad_h, pad_w = (-big_h) % 32, (-big_w) % 32
+    im_lq = F.pad(im_lq, (0, pad_w, 0, pad_h), mode="reflect")
+    ys = patch_starts(im_lq.shape[2], patch, stride)
+    xs = patch_starts(im_lq.shape[3], patch, stride)
+    total, count = torch.zeros(im_lq.shape), torch.zeros(im_lq.shape)
+    ac = base_alphas_cumprod()
+    tab = respaced(steps)
+    n = len(tab["t"])
+    for x0 in xs:
+        for y0 in ys:
+            box = (slice(None), slice(None), slice(y0, y0 + patch), slice(x0, x0 + patch))
+            p = im_lq[box]
+            z_lr = SCALE * vae.encode(p).latent_dist.mode()
+            z_ref = SCALE * vae.encode(torch.zeros_like(p)).latent_dist.mode()
+            x = (torch.sqrt(ac[-1]).float() * z_lr
+                 + torch.sqrt(1.0 - ac[-1]).float() * noises["start"])
+            for i, k in enumerate(range(n - 1, -1, -1)):
+                t = torch.full((1,), tab["t"][k], dtype=torch.long)
+                eps = tiled_eps(x, z_lr, z_ref, t, pos, neg, unet, cn, cfg, tile, overlap)
+                x = ddpm_step(tab, k, x, eps, noises["steps"][i])
+            image = vae.decode(x / SCALE).sample
+            if fix == "adain":
+                image = adain(image, p)
+            total[box] += image
+            count[box] += 1.0
+    out = torch.clamp(((total / count)[:, :, :big_h, :big_w] + 1.0) / 2.0, 0.0, 1.0)
+    if s > upscale:
+        out = torch.clamp(F.interpolate(out, size=(upscale * h, upscale * w), mode="bicubic",
+                                        align_corners=False), 0.0, 1.0)
+    return (out * 255.0).permute(0, 2, 3, 1).numpy().astype(np.uint8)

@@ -1,17 +1,23 @@
-"""`jaxsr sr`: super-resolve image files with SeeSR (4x).
+"""`jaxsr sr`: super-resolve image files with SeeSR or CoSeR (4x).
 
     jaxsr sr INPUT... --weights DIR --output DIR [options]
+    jaxsr sr INPUT... --model coser --weights DIR --output DIR --save-reference
 
 INPUT: image files, folders (their files; subfolders with --recursive) or glob
 patterns. WEIGHTS: a folder written by `jaxsr convert --sd ... --seesr ... --ram ...
---dape ...`. Every input is written as <output>/<stem>.png; inputs sharing a stem
-keep their extension (a.jpg.png, a.png.png). An input whose output already exists
-is skipped unless --overwrite, so an interrupted run resumes where it stopped.
+--dape ...` (SeeSR) or `jaxsr convert --coser ... --qformer ... --sd ...` (CoSeR);
+--model defaults to the folder's. Every input is written as <output>/<stem>.png;
+inputs sharing a stem keep their extension (a.jpg.png, a.png.png). With CoSeR,
+--save-reference also writes the reference image CoSeR generated as
+<output>/reference/<stem>.png (none in tiled mode, which generates none). An input
+whose output already exists is skipped unless --overwrite, so an interrupted run
+resumes where it stopped.
 
-Results depend on the seed, the output name and the device count only: an input
-draws its noise from fold_in(key(seed), crc32(output file name)), whatever the
-batching and whatever other inputs the run has. Images are grouped by processed
-size, so each size compiles once.
+SeeSR results depend on the seed, the output name and the device count only: an
+input draws its noise from fold_in(key(seed), crc32(output file name)), whatever the
+batching and whatever other inputs the run has. CoSeR reseeds before every image as
+its scripts do (default seed 2887): every input draws from key(seed). Images are
+grouped by processed size, so each size compiles once.
 
 With several JAX processes (--coordinator/--num-processes/--process-id, or
 --distributed on a detected cluster), process p of n takes inputs p, p+n, p+2n, ...
@@ -39,6 +45,9 @@ from jaxsr.parallel import distributed
 EXIT_FAILED = 1
 SAMPLERS = ("ddpm", "ddim", "dpmpp")
 COLOR_FIXES = ("adain", "wavelet", "none")
+MODELS = ("seesr", "coser")
+DEFAULT_SEED = {"seesr": 0, "coser": 2887}
+REFERENCE_FOLDER = "reference"
 
 
 def _positive_int(text: str) -> int:
@@ -54,41 +63,61 @@ def default_compile_cache() -> str:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("sr", help="super-resolve images with SeeSR",
+    p = sub.add_parser("sr", help="super-resolve images with SeeSR or CoSeR",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="image files, folders or glob patterns")
     p.add_argument("--weights", required=True, type=Path,
-                   help="SeeSR weights folder (from `jaxsr convert --seesr ...`)")
+                   help="weights folder (from `jaxsr convert --seesr ...` or `--coser ...`)")
+    p.add_argument("--model", choices=MODELS,
+                   help="the model to run (default: the weights folder's)")
     p.add_argument("--output", required=True, type=Path, help="folder for the PNG results")
     p.add_argument("--recursive", action="store_true",
                    help="take the files of subfolders too (and let ** span folders in globs)")
     p.add_argument("--overwrite", action="store_true",
                    help="redo inputs whose output exists (default: skip them)")
 
-    s = p.add_argument_group("sampling (defaults: the released test_seesr.py's)")
+    s = p.add_argument_group("sampling (defaults: the released test_seesr.py's, or "
+                             "CoSeR's scripts/inference.py's)")
     s.add_argument("--turbo", action="store_true",
                    help="SeeSR's sd-turbo settings (2 steps, no guidance, trailing timesteps, "
                         "tile overlap 32) for weights converted with --unet-from-sd; the "
                         "options below still override them")
     s.add_argument("--steps", type=_positive_int, help="denoising steps (default 50)")
-    s.add_argument("--sampler", choices=SAMPLERS, help="default ddpm")
+    s.add_argument("--sampler", choices=SAMPLERS, help="SeeSR: default ddpm")
     s.add_argument("--guidance", type=float,
-                   help="classifier-free guidance scale; <= 1 turns guidance off (default 5.5)")
-    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    s.add_argument("--color-fix", choices=COLOR_FIXES, help="default adain")
-    s.add_argument("--prompt", help="user prompt inserted after the DAPE tags (default empty)")
+                   help="classifier-free guidance scale; 1 turns guidance off "
+                        "(default SeeSR 5.5, CoSeR 3.0)")
+    s.add_argument("--seed", type=int, help="random seed (default SeeSR 0, CoSeR 2887)")
+    s.add_argument("--color-fix", choices=COLOR_FIXES,
+                   help="default SeeSR adain, CoSeR none")
+    s.add_argument("--prompt", help="user prompt (SeeSR: inserted after the DAPE tags; "
+                   "default empty)")
     s.add_argument("--added-prompt", help="appended to the prompt "
                    "(default 'clean, high-resolution, 8k')")
     s.add_argument("--negative-prompt",
-                   help="default 'dotted, noise, blur, lowres, smooth'")
+                   help="default SeeSR's 'dotted, noise, blur, lowres, smooth' or CoSeR's list")
     s.add_argument("--process-size", type=_positive_int,
                    help="inputs with a side below process_size/4 are enlarged first (default 512)")
 
+    c = p.add_argument_group("CoSeR")
+    c.add_argument("--reference-guidance", type=float,
+                   help="guidance scale of the reference generation (default 3.0)")
+    c.add_argument("--decoder", choices=("auto", "cfw", "vae"),
+                   help="CFW decoder when the weights have it (auto, default) or the plain VAE")
+    c.add_argument("--fusion-weight", type=float, help="CFW fusion weight w (default 0.5)")
+    c.add_argument("--mode", choices=("auto", "reference", "tiled"),
+                   help="reference: generate a reference then super-resolve (inference.py); "
+                        "tiled: latent tiles and a gray reference (inference_tile.py); auto "
+                        "(default): tiled above a 512x512 output")
+    c.add_argument("--save-reference", action="store_true",
+                   help="also write the generated reference image to OUTPUT/reference/")
+
     t = p.add_argument_group("tiling (bounds memory on large images)")
     t.add_argument("--latent-tile", type=_positive_int,
-                   help="latent tile side; tiling starts above tile^2 latent pixels (default 96)")
-    t.add_argument("--latent-tile-overlap", type=int, help="default 4")
+                   help="latent tile side; SeeSR tiles above tile^2 latent pixels "
+                        "(default SeeSR 96, CoSeR 64)")
+    t.add_argument("--latent-tile-overlap", type=int, help="default SeeSR 4, CoSeR 32")
     t.add_argument("--vae-encoder-tile", type=_positive_int, help="pixels (default 1024)")
     t.add_argument("--vae-decoder-tile", type=_positive_int, help="latent pixels (default 224)")
 
@@ -97,9 +126,11 @@ def register(sub) -> None:
                    help="images per compiled call (default: the number of devices)")
     r.add_argument("--devices", type=_positive_int,
                    help="use the first N local devices (default: all)")
-    r.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"),
+    r.add_argument("--dtype", choices=("float32", "bfloat16"),
                    help="compute dtype of the UNet, ControlNet and text encoder (default "
-                        "bfloat16); the VAE and DAPE run in float32")
+                        "SeeSR bfloat16, CoSeR float32, its released precision: the hard "
+                        "reference attention's argmax is sensitive to rounding); the VAE, "
+                        "DAPE and the cognitive encoder run in float32")
     r.add_argument("--attention", default="auto", choices=("auto", "xla", "dpa", "cudnn"),
                    help="attention kernel (default auto)")
     r.add_argument("--compile-cache", metavar="DIR",
@@ -120,13 +151,52 @@ _OPTION_FIELDS = {
 }
 
 
-def build_options(args):
+# The same for CoSeROptions.
+_COSER_FIELDS = {
+    "steps": "steps", "guidance": "guidance_scale",
+    "reference_guidance": "reference_guidance_scale", "color_fix": "color_fix",
+    "prompt": "prompt", "negative_prompt": "negative_prompt", "decoder": "decoder",
+    "fusion_weight": "fusion_weight", "mode": "mode", "latent_tile": "latent_tile",
+    "latent_tile_overlap": "latent_tile_overlap",
+}
+_SEESR_ONLY = ("turbo", "sampler", "added_prompt", "process_size", "vae_encoder_tile",
+               "vae_decoder_tile")
+_COSER_ONLY = ("reference_guidance", "decoder", "fusion_weight", "mode", "save_reference")
+
+
+def _given(args, dest: str) -> bool:
+    value = getattr(args, dest, None)
+    return value is not None and value is not False
+
+
+def build_options(args, model: str = "seesr"):
+    """The pipeline options from the flags; flags of the other model are refused."""
+    other = _COSER_ONLY if model == "seesr" else _SEESR_ONLY
+    wrong = [f"--{d.replace('_', '-')}" for d in other if _given(args, d)]
+    if wrong:
+        raise ValueError(f"{', '.join(wrong)}: not an option of {model}")
+    if model == "coser":
+        from jaxsr.pipelines.coser import CoSeROptions
+
+        return CoSeROptions(**{field: getattr(args, dest) for dest, field in
+                               _COSER_FIELDS.items() if getattr(args, dest) is not None})
     from jaxsr.pipelines.seesr import SeeSROptions
 
     given = {field: getattr(args, dest) for dest, field in _OPTION_FIELDS.items()
              if getattr(args, dest) is not None}
     # ValueError (exit 2) on inconsistent values.
     return SeeSROptions.sd_turbo(**given) if args.turbo else SeeSROptions(**given)
+
+
+def weights_model(folder: Path) -> str:
+    """The model a weights folder holds ("seesr" or "coser"); ValueError otherwise."""
+    from jaxsr.convert.cache import read_manifest
+
+    model = read_manifest(folder).get("model")
+    if model not in MODELS:
+        raise ValueError(f"{folder} holds {model or 'SD2'!r} weights, not SeeSR's or CoSeR's; "
+                         "convert with --seesr ... or --coser ...")
+    return model
 
 
 def configure_compile_cache(folder: str | None) -> Path | None:
@@ -152,19 +222,22 @@ def _fail(message: str) -> None:
     print(f"failed: {message}", file=sys.stderr, flush=True)
 
 
-def _load_pipeline(args):
+def _load_pipeline(args, model: str):
     import jax
-
-    from jaxsr.pipelines.seesr import SeeSRPipeline
 
     devices = jax.local_devices()
     if args.devices is not None:
         if args.devices > len(devices):
             raise ValueError(f"--devices {args.devices}: only {len(devices)} local devices")
         devices = devices[:args.devices]
+    if model == "coser":
+        from jaxsr.pipelines.coser import CoSeRPipeline as Pipeline
+    else:
+        from jaxsr.pipelines.seesr import SeeSRPipeline as Pipeline
+    dtype = args.dtype or ("float32" if model == "coser" else "bfloat16")
     try:
-        return SeeSRPipeline.from_pretrained(args.weights, dtype=args.dtype,
-                                             attention=args.attention, devices=devices)
+        return Pipeline.from_pretrained(args.weights, dtype=dtype, attention=args.attention,
+                                        devices=devices)
     except KeyError as e:          # a manifest naming a module whose files are gone
         raise ValueError(f"{args.weights} is incomplete ({e}); run `jaxsr convert` again") \
             from None
@@ -176,7 +249,13 @@ def _out_of_memory(e: Exception) -> bool:
 
 def run(args) -> int:
     started = time.monotonic()
-    options = build_options(args)
+    distributed.settings(args)             # incomplete multi-process flags: say so first
+    model = weights_model(args.weights)
+    if args.model is not None and args.model != model:
+        raise ValueError(f"--model {args.model}, but {args.weights} holds {model} weights")
+    options = build_options(args, model)
+    if args.seed is None:
+        args.seed = DEFAULT_SEED[model]
     distributed.initialize(args)           # before any JAX backend starts
     import jax
 
@@ -206,9 +285,9 @@ def run(args) -> int:
     written = 0
     if sized:
         configure_compile_cache(args.compile_cache)
-        pipe = _load_pipeline(args)
+        pipe = _load_pipeline(args, model)
         args.output.mkdir(parents=True, exist_ok=True)
-        written, n_failed = _process(pipe, sized, options, args)
+        written, n_failed = _process(pipe, sized, options, args, model)
         failed += n_failed
     summary = format_summary(written, len(done), failed, time.monotonic() - started)
     if jax.process_count() > 1:
@@ -217,7 +296,17 @@ def run(args) -> int:
     return EXIT_FAILED if failed else 0
 
 
-def _process(pipe, sized, options, args) -> tuple[int, int]:
+def _upscale(pipe, model: str, images, chunk, options, args):
+    """-> (SR images, reference images or Nones) of one batch."""
+    if model == "coser":
+        return pipe.upscale(images, options=options, seed=args.seed, batch_size=len(chunk),
+                            return_references=True)
+    results = pipe.upscale(images, options=options, seed=args.seed,
+                           ids=[j.stream for j in chunk], batch_size=len(chunk))
+    return results, [None] * len(results)
+
+
+def _process(pipe, sized, options, args, model: str = "seesr") -> tuple[int, int]:
     """Batches of one size bucket each, decoded one batch at a time; returns
     (written, failed)."""
     buckets: dict[tuple[int, int], list] = {}     # insertion order = first input's order
@@ -226,7 +315,8 @@ def _process(pipe, sized, options, args) -> tuple[int, int]:
     batch_size = args.batch_size or pipe.num_devices
     progress = Progress(len(sized))
     written = failed = 0
-    for (height, width), members in buckets.items():
+    for key, members in buckets.items():
+        height, width = key[-2:]            # SeeSR: (H, W); CoSeR: (mode, H, W)
         for start in range(0, len(members), batch_size):
             batch = members[start:start + batch_size]
             chunk, images = [], []
@@ -237,12 +327,10 @@ def _process(pipe, sized, options, args) -> tuple[int, int]:
                 except ImageError as e:
                     _fail(str(e))
                     failed += 1
-            results = []
+            results, references = [], []
             if chunk:
                 try:
-                    results = pipe.upscale(images, options=options, seed=args.seed,
-                                           ids=[j.stream for j in chunk],
-                                           batch_size=len(chunk))
+                    results, references = _upscale(pipe, model, images, chunk, options, args)
                 except Exception as e:                   # noqa: BLE001 - reported per file
                     if not _out_of_memory(e):
                         raise
@@ -250,9 +338,13 @@ def _process(pipe, sized, options, args) -> tuple[int, int]:
                         _fail(f"{job.source}: out of device memory at {width}x{height} "
                               "(try --batch-size 1 or smaller tiles)")
                     failed += len(chunk)
-            for job, image in zip(chunk, results):
+            for job, image, reference in zip(chunk, results, references):
                 try:
-                    save_image(job.output, image)
+                    if reference is not None and getattr(args, "save_reference", False):
+                        folder = job.output.parent / REFERENCE_FOLDER
+                        folder.mkdir(exist_ok=True)
+                        save_image(folder / job.output.name, reference)
+                    save_image(job.output, image)   # last: its presence marks the input done
                     written += 1
                 except ImageError as e:
                     _fail(f"{job.source}: {e}")

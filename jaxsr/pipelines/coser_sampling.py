@@ -31,6 +31,14 @@ beside the output.
 
 The respaced sampler is jaxsr.diffusion.respace: the networks get the original t_k,
 the coefficients the index k, no noise at k = 0.
+
+Large images (CoSeR's scripts/inference_tile.py): `coser_restore_tiled` takes the
+already enlarged im_lq (one ≤ 1280 px patch of it) and E of the whole LR, skips
+reference generation (the reference latent is the VAE code of a zero, i.e. gray,
+image, for both guidance branches), and runs the ControlNet + UNet on square latent
+tiles (64, overlap 32) blended with Gaussian weights (jaxsr.diffusion.tiling, the
+grid StableSR and SeeSR share). It returns the colour-fixed image in [−1, 1] before
+clamping, because the host averages overlapping patches first.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ import jax.numpy as jnp
 
 from jaxsr.diffusion.colorfix import color_fix, to_uint8_truncate
 from jaxsr.diffusion.respace import RespacedSchedule, ldm_noise_tables, respaced_step
+from jaxsr.diffusion.tiling import tiled_apply
 from jaxsr.models.cfw_vae import CFWAutoencoderKL
 from jaxsr.models.cognitive import CognitiveEncoder
 from jaxsr.models.coser_controlnet import CoSeRControlNet
@@ -67,6 +76,8 @@ class CoSeRSettings(NamedTuple):
     fusion_weight: float = 0.5               # CFW w, used when nets.cfw is given
     start_sqrt_alpha: float = float(_SQRT_AC[-1])
     start_sqrt_one_minus_alpha: float = float(_SQRT_ONE_MINUS_AC[-1])
+    latent_tile: int = 64                    # coser_restore_tiled only
+    latent_tile_overlap: int = 32
 
 
 class CoSeRNetworks(NamedTuple):
@@ -160,35 +171,54 @@ def generate_reference(nets: CoSeRNetworks, settings: CoSeRSettings, unet_params
     return jax.lax.fori_loop(0, schedule.num_steps, body, x_start.astype(jnp.float32))
 
 
+def sr_eps(nets: CoSeRNetworks, settings: CoSeRSettings, params, t, x, z_lr, z_ref, positive,
+           negative):
+    """Guided ε of one SR step: the ControlNet once for the LR hint (X) and the
+    reference hint (R), positive context only; both guidance branches of the AiA UNet
+    read those features. x, z_lr, z_ref [B, h', w', c] -> float32."""
+    lr_feats, ref_feats = nets.controlnet.apply(
+        {"params": params["controlnet"]}, x, t, positive, z_lr, z_ref,
+        method="lr_and_reference")
+    eps_of = lambda ctx: nets.unet.apply({"params": params["unet"]}, x, t, ctx,
+                                         lr_feats, ref_feats)
+    eps = eps_of(positive)
+    if settings.guidance_scale == 1.0:
+        return eps.astype(jnp.float32)
+    return guide(eps_of(negative), eps, settings.guidance_scale)
+
+
 def super_resolve(nets: CoSeRNetworks, settings: CoSeRSettings, params,
                   schedule: RespacedSchedule, x_start, z_lr, z_ref, positive, negative, noise):
-    """The SR pass: the respaced DDPM from x_start with the ControlNet + AiA UNet.
-
-    The ControlNet reads the positive context only; its LR features X and reference
-    features R are computed once per step and shared by both guidance branches.
-    Shapes as `generate_reference`; z_lr, z_ref [B, h', w', c]. Returns float32."""
-    g = settings.guidance_scale
+    """The SR pass: the respaced DDPM from x_start with `sr_eps`. Shapes as
+    `generate_reference`; z_lr, z_ref [B, h', w', c]. Returns float32."""
     b = x_start.shape[0]
 
     def body(i, x):
         t = _timesteps(schedule, i, b)
-        lr_feats, ref_feats = nets.controlnet.apply(
-            {"params": params["controlnet"]}, x, t, positive, z_lr, z_ref,
-            method="lr_and_reference")
-        eps_of = lambda ctx: nets.unet.apply({"params": params["unet"]}, x, t, ctx,
-                                             lr_feats, ref_feats)
-        eps = eps_of(positive)
-        if g != 1.0:
-            eps = guide(eps_of(negative), eps, g)
+        eps = sr_eps(nets, settings, params, t, x, z_lr, z_ref, positive, negative)
         return respaced_step(schedule, i, x, eps, noise("steps", SR_STREAM, i))
 
     return jax.lax.fori_loop(0, schedule.num_steps, body, x_start.astype(jnp.float32))
 
 
-def decode_image(nets: CoSeRNetworks, settings: CoSeRSettings, params, z, im_lq,
+def guided_tiled_eps(nets: CoSeRNetworks, settings: CoSeRSettings, params, t, x, z_lr, z_ref,
+                     positive, negative):
+    """`sr_eps` over latent tiles (the LR and reference hints cut like x), blended with
+    Gaussian weights. x, z_lr, z_ref [B, h', w', c] -> float32."""
+    c = x.shape[-1]
+
+    def predict(x_tile, hints):
+        return sr_eps(nets, settings, params, t, x_tile, hints[..., :c], hints[..., c:],
+                      positive, negative)
+
+    return tiled_apply(predict, x, jnp.concatenate([z_lr, z_ref], axis=-1),
+                       settings.latent_tile, settings.latent_tile_overlap, cond_scale=1)
+
+
+def decode_float(nets: CoSeRNetworks, settings: CoSeRSettings, params, z, im_lq,
                  use_cfw: bool, fix: bool):
-    """Scaled latent -> uint8 image [B, 8h', 8w', 3]: plain or CFW decode, colour fix
-    against im_lq in [−1, 1] when `fix`, then trunc(clamp((x + 1)/2)·255)."""
+    """Scaled latent -> image [B, 8h', 8w', 3] float32 in about [−1, 1]: plain or CFW
+    decode, then the colour fix against im_lq when `fix` (not clamped)."""
     z = z / nets.vae.config.scaling_factor
     if use_cfw:
         cfw = {"params": params["cfw"]}
@@ -198,7 +228,24 @@ def decode_image(nets: CoSeRNetworks, settings: CoSeRSettings, params, z, im_lq,
         image = nets.vae.apply({"params": params["vae"]}, z, method="decode")
     if fix:
         image = color_fix(image, im_lq, settings.color_fix)
+    return image
+
+
+def decode_image(nets: CoSeRNetworks, settings: CoSeRSettings, params, z, im_lq,
+                 use_cfw: bool, fix: bool):
+    """Scaled latent -> uint8 image [B, 8h', 8w', 3]: `decode_float`, then
+    trunc(clamp((x + 1)/2)·255)."""
+    image = decode_float(nets, settings, params, z, im_lq, use_cfw, fix)
     return to_uint8_truncate((image + 1.0) / 2.0)
+
+
+def _check(nets: CoSeRNetworks, settings: CoSeRSettings, h: int, w: int, what: str):
+    factor = 2 ** (len(nets.vae.config.block_out_channels) - 1)
+    if h % factor or w % factor:
+        raise ValueError(f"{what}: the image size {h}×{w} must be a multiple of the VAE "
+                         f"factor {factor}")
+    if settings.color_fix not in ("adain", "wavelet", "nofix"):
+        raise ValueError(f"unknown colour-fix method {settings.color_fix!r}")
 
 
 def coser_restore(nets: CoSeRNetworks, settings: CoSeRSettings, params: dict[str, Any],
@@ -210,12 +257,7 @@ def coser_restore(nets: CoSeRNetworks, settings: CoSeRSettings, params: dict[str
     jit with nets and settings static, e.g.
     `jax.jit(coser_restore, static_argnums=(0, 1))`."""
     b, h, w, _ = lr.shape
-    factor = 2 ** (len(nets.vae.config.block_out_channels) - 1)
-    if (UPSCALE * h) % factor or (UPSCALE * w) % factor:
-        raise ValueError(f"coser_restore: the ×{UPSCALE} size {UPSCALE * h}×{UPSCALE * w} "
-                         f"must be a multiple of the VAE factor {factor}")
-    if settings.color_fix not in ("adain", "wavelet", "nofix"):
-        raise ValueError(f"unknown colour-fix method {settings.color_fix!r}")
+    _check(nets, settings, UPSCALE * h, UPSCALE * w, "coser_restore")
     lr = lr.astype(jnp.float32)
 
     adapter = nets.cognitive.apply({"params": params["cognitive"]}, lr)
@@ -240,3 +282,43 @@ def coser_restore(nets: CoSeRNetworks, settings: CoSeRSettings, params: dict[str
                          fix=settings.color_fix != "nofix")
     reference = decode_image(nets, settings, params, z_ref, im_lq, False, fix=False)
     return CoSeROutput(image, reference, z, z_ref)
+
+
+def coser_adapter(nets: CoSeRNetworks, params, lr):
+    """E = cognitive(lr): lr [B, h, w, 3] in [0, 1] -> [B, Le, D] float32."""
+    return nets.cognitive.apply({"params": params["cognitive"]}, lr.astype(jnp.float32))
+
+
+def coser_restore_tiled(nets: CoSeRNetworks, settings: CoSeRSettings, params: dict[str, Any],
+                        schedule: RespacedSchedule, im_lq, adapter, prompt_emb, negative_emb,
+                        keys, noises=None):
+    """inference_tile.py's sampling of one enlarged patch (see the module docstring).
+
+    im_lq: [B, H, W, 3] in [−1, 1], H, W multiples of the VAE factor; adapter: E
+    [B, Le, D] of the whole LR; prompt_emb / negative_emb / keys / noises as in
+    `coser_restore` (noises without "reference_steps"). Returns (image float32
+    [B, H, W, 3] in about [−1, 1], colour-fixed, not clamped; final latent)."""
+    b, h, w, _ = im_lq.shape
+    _check(nets, settings, h, w, "coser_restore_tiled")
+    im_lq = im_lq.astype(jnp.float32)
+    positive = coser_context(prompt_emb, adapter)
+    negative = coser_context(None, negative_emb)
+    vae = {"params": params["vae"]}
+    scale = nets.vae.config.scaling_factor
+    z_lr = nets.vae.apply(vae, im_lq, method="encode").mode() * scale
+    # The reference is the code of a zero (mid-gray) image: no reference generation.
+    z_ref = nets.vae.apply(vae, jnp.zeros_like(im_lq[:1]), method="encode").mode() * scale
+    z_ref = jnp.broadcast_to(z_ref, z_lr.shape)
+    noise = _noise_source(keys, noises, z_lr.shape[1:])
+    x_start = (settings.start_sqrt_alpha * z_lr
+               + settings.start_sqrt_one_minus_alpha * noise("start", START_STREAM))
+
+    def body(i, x):
+        t = _timesteps(schedule, i, b)
+        eps = guided_tiled_eps(nets, settings, params, t, x, z_lr, z_ref, positive, negative)
+        return respaced_step(schedule, i, x, eps, noise("steps", SR_STREAM, i))
+
+    z = jax.lax.fori_loop(0, schedule.num_steps, body, x_start)
+    image = decode_float(nets, settings, params, z, im_lq, nets.cfw is not None,
+                         fix=settings.color_fix != "nofix")
+    return image, z

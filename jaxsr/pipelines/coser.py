@@ -1,0 +1,345 @@
+"""CoSeR super-resolution: LR image in, a 4× image out (and the reference CoSeR imagined).
+
+    pipe = CoSeRPipeline.from_pretrained("weights/coser")          # jaxsr convert --coser
+    [sr] = pipe.upscale([lr_uint8])                                 # uint8 [4h, 4w, 3]
+    srs, refs = pipe.upscale(images, return_references=True)
+
+Two modes, CoSeR's two scripts:
+
+- "reference" (scripts/inference.py): the device program `coser_restore` on the whole
+  image: cognitive embedding, reference generation from the LR-latent start, the SR
+  pass guided by that reference, plain or CFW decode, colour fix; the decoded
+  reference is returned too. The UNet needs a ×4 size that is a multiple of 64, which
+  the reference script simply requires; here the LR is reflect-padded to a multiple
+  of 16 and the result cropped (so E and the latents see the mirrored border).
+- "tiled" (scripts/inference_tile.py), for large images: no reference generation (the
+  reference latent is the VAE code of a gray image); E from the whole LR; the image is
+  enlarged by s = max(input_size / short side, 4) with PyTorch's bicubic, clamped,
+  reflect-padded to a multiple of 32 and cut into patches of at most 1280 px with
+  stride 1000 that are averaged uniformly; each patch runs `coser_restore_tiled`
+  (latent tiles of 64, overlap 32, Gaussian blending); the padding is cropped and,
+  when s > 4, the result is brought to ×4 with PyTorch's bicubic.
+- "auto" (default): "reference" when the ×4 output has at most (8·latent_tile)² pixels
+  (512² for CoSeR, the size it was trained at), else "tiled".
+
+The reference scripts reseed before every image (and patch): every image here draws
+from key(seed) the same way, so a result depends on the seed and the image only,
+never on batching, order or device count. Images of one padded size share a compiled
+program; batches are padded to a multiple of the device count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxsr.convert.coser_weights import CoSeRWeights, load_coser_folder
+from jaxsr.diffusion.respace import respaced_schedule
+from jaxsr.models.cfw_vae import CFWAutoencoderKL
+from jaxsr.models.clip_text import CLIPTextModel
+from jaxsr.models.cognitive import CognitiveEncoder
+from jaxsr.models.coser_controlnet import CoSeRControlNet
+from jaxsr.models.coser_unet import CoSeRUNet
+from jaxsr.models.tokenizer import load_tokenizer, tokenize
+from jaxsr.models.vae import AutoencoderKL
+from jaxsr.nn.resize import torch_resize_bicubic
+from jaxsr.parallel.mesh import make_mesh
+from jaxsr.pipelines.coser_sampling import (
+    UPSCALE,
+    CoSeRNetworks,
+    CoSeRSettings,
+    coser_adapter,
+    coser_restore,
+    coser_restore_tiled,
+)
+from jaxsr.pipelines.seesr import as_rgb_array
+
+NEGATIVE_PROMPT = (
+    "worst quality, normal quality, low quality, low res, blurry, text, watermark, logo, "
+    "banner, extra digits, cropped, jpeg artifacts, signature, username, error, sketch ,"
+    "duplicate, ugly, monochrome, horror, geometry, mutation, disgusting")
+COLOR_FIXES = {"adain": "adain", "wavelet": "wavelet", "none": "nofix", "nofix": "nofix"}
+MODES = ("auto", "reference", "tiled")
+DECODERS = ("auto", "cfw", "vae")
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# The UNet downsamples the latent three times: the ×4 image must be a multiple of 64.
+_LR_MULTIPLE = 16
+_PATCH_MULTIPLE = 32             # inference_tile.py pads the enlarged image to this
+
+
+@dataclasses.dataclass(frozen=True)
+class CoSeROptions:
+    """Sampling options; the defaults are CoSeR's scripts' (50 steps, guidance 3.0 for
+    both passes, CFW decoder with w 0.5 when the weights have it, no colour fix)."""
+
+    steps: int = 50
+    guidance_scale: float = 3.0
+    reference_guidance_scale: float = 3.0
+    color_fix: str = "none"               # adain | wavelet | none
+    decoder: str = "auto"                 # auto (CFW when converted) | cfw | vae
+    fusion_weight: float = 0.5            # CFW w (--dec_w)
+    prompt: str = ""                      # --user_prompt
+    negative_prompt: str = NEGATIVE_PROMPT
+    mode: str = "auto"                    # auto | reference | tiled
+    latent_tile: int = 64                 # tiled mode: input_size / 8
+    latent_tile_overlap: int = 32
+    input_size: int = 512                 # tiled mode: the short side is enlarged to this
+    patch_size: int = 1280                # tiled mode: pixels per patch (vqgantile_size)
+    patch_stride: int = 1000
+
+    def __post_init__(self):
+        problems = []
+        if self.steps < 1:
+            problems.append(f"steps must be >= 1, got {self.steps}")
+        if self.color_fix not in COLOR_FIXES:
+            problems.append(f"color_fix {self.color_fix!r} is not one of adain, wavelet, none")
+        if self.mode not in MODES:
+            problems.append(f"mode {self.mode!r} is not one of {', '.join(MODES)}")
+        if self.decoder not in DECODERS:
+            problems.append(f"decoder {self.decoder!r} is not one of {', '.join(DECODERS)}")
+        if self.latent_tile < 8 or not 0 <= self.latent_tile_overlap < self.latent_tile:
+            problems.append(f"latent tile {self.latent_tile} with overlap "
+                            f"{self.latent_tile_overlap}: need tile >= 8, 0 <= overlap < tile")
+        if not 0 < self.patch_stride <= self.patch_size or self.patch_size % _PATCH_MULTIPLE:
+            problems.append(f"patch size {self.patch_size} / stride {self.patch_stride}: need "
+                            f"0 < stride <= size, size a multiple of {_PATCH_MULTIPLE}")
+        if problems:
+            raise ValueError("invalid CoSeR options: " + "; ".join(problems))
+
+    def pick_mode(self, h: int, w: int) -> str:
+        """The mode for an LR of h×w."""
+        if self.mode != "auto":
+            return self.mode
+        side = 8 * self.latent_tile
+        return "reference" if UPSCALE * h * UPSCALE * w <= side * side else "tiled"
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def patch_starts(length: int, size: int, stride: int) -> list[int]:
+    """ImageSpliterTh's starts along one axis: 0 when it fits, else every `stride`
+    with the ones that would overrun moved flush to the end (duplicates dropped)."""
+    if length <= size:
+        return [0]
+    starts = [min(s, length - size) for s in range(0, length, stride)]
+    return list(dict.fromkeys(starts))
+
+
+def _pad_rows(x: np.ndarray, n: int) -> np.ndarray:
+    missing = n - x.shape[0]
+    if missing <= 0:
+        return x
+    return np.concatenate([x, np.repeat(x[-1:], missing, axis=0)])
+
+
+class CoSeRPipeline:
+    """Loaded CoSeR networks; see the module docstring."""
+
+    def __init__(self, weights: CoSeRWeights, *, dtype="float32", vae_dtype="float32",
+                 attention: str = "auto", devices=None):
+        dt, vdt = (_DTYPES[d] if isinstance(d, str) else d for d in (dtype, vae_dtype))
+        arch = weights.architecture
+        self.weights = weights
+        self.devices = list(jax.local_devices() if devices is None else devices)
+        self.mesh = make_mesh((("data", -1),), self.devices)
+        self._batch = NamedSharding(self.mesh, P("data"))
+        rep = NamedSharding(self.mesh, P())
+        cfw = (CFWAutoencoderKL(arch.vae, cfw=weights.cfw, dtype=vdt, attention=attention)
+               if weights.cfw is not None else None)
+        self._nets = CoSeRNetworks(
+            cognitive=CognitiveEncoder(arch.cognitive, attention=attention, dtype=jnp.float32),
+            unet=CoSeRUNet(arch.unet, dtype=dt, attention=attention),
+            controlnet=CoSeRControlNet(arch.controlnet, dtype=dt, attention=attention),
+            vae=AutoencoderKL(arch.vae, dtype=vdt, attention=attention), cfw=cfw)
+        self.text_encoder = CLIPTextModel(arch.text_encoder, dtype=dt, attention=attention)
+        if weights.tokenizer_dir is None:
+            raise FileNotFoundError("the weights folder has no tokenizer/; convert again with "
+                                    "--tokenizer (e.g. SD 2.1-base's tokenizer/ folder)")
+        self.tokenizer = load_tokenizer(weights.tokenizer_dir)
+        self.params = jax.device_put(
+            {k: weights.params[k] for k in ("cognitive", "unet", "controlnet", "vae", "cfw")
+             if k in weights.params}, rep)
+        self.text_params = jax.device_put(weights.params["text_encoder"], rep)
+        self._text_fn = jax.jit(lambda p, ids: self.text_encoder.apply({"params": p}, ids))
+        self._adapter_fn = jax.jit(partial(coser_adapter, self._nets))
+        self._enlarge_fn = jax.jit(_enlarge, static_argnums=1)
+        self._programs: dict = {}
+        self._schedules: dict = {}
+        self._text_cache: dict = {}
+
+    @classmethod
+    def from_pretrained(cls, folder, **kwargs) -> CoSeRPipeline:
+        """A folder written by `jaxsr convert --coser ... --qformer ... --sd ...`."""
+        return cls(load_coser_folder(folder), **kwargs)
+
+    @property
+    def num_devices(self) -> int:
+        return len(self.devices)
+
+    @property
+    def has_cfw(self) -> bool:
+        return self._nets.cfw is not None
+
+    # ------------------------------------------------------------------ host steps
+    def bucket_key(self, image, options: CoSeROptions | None = None) -> tuple:
+        """(mode, H, W): images with equal keys share one compiled program. `image`: an
+        array [h, w, ...], a PIL image or an (h, w) pair."""
+        options = options or CoSeROptions()
+        if isinstance(image, tuple) and len(image) == 2:
+            h, w = image
+        elif hasattr(image, "height") and hasattr(image, "width"):
+            h, w = image.height, image.width
+        else:
+            h, w = np.shape(image)[:2]
+        mode = options.pick_mode(h, w)
+        if mode == "reference":
+            return mode, _round_up(h, _LR_MULTIPLE), _round_up(w, _LR_MULTIPLE)
+        return mode, h, w
+
+    def encode_prompt(self, prompt: str) -> jax.Array:
+        """One prompt -> text-encoder hidden states [77, D] float32 (cached)."""
+        if prompt not in self._text_cache:
+            ids = jnp.asarray(tokenize(self.tokenizer, [prompt]))
+            self._text_cache[prompt] = self._text_fn(self.text_params, ids)[0]
+        return self._text_cache[prompt]
+
+    def _settings(self, options: CoSeROptions) -> CoSeRSettings:
+        return CoSeRSettings(guidance_scale=float(options.guidance_scale),
+                             reference_guidance_scale=float(options.reference_guidance_scale),
+                             color_fix=COLOR_FIXES[options.color_fix],
+                             fusion_weight=float(options.fusion_weight),
+                             latent_tile=options.latent_tile,
+                             latent_tile_overlap=options.latent_tile_overlap)
+
+    def _nets_for(self, options: CoSeROptions) -> CoSeRNetworks:
+        if options.decoder == "cfw" and not self.has_cfw:
+            raise ValueError("decoder 'cfw' asked for, but the weights folder has no CFW "
+                             "decoder (convert with --cfw vqgan_cfw_00011.ckpt)")
+        return self._nets if options.decoder != "vae" else self._nets._replace(cfw=None)
+
+    def _program(self, kind: str, nets: CoSeRNetworks, settings: CoSeRSettings):
+        key = (kind, nets.cfw is not None, settings)
+        if key not in self._programs:
+            fn = coser_restore if kind == "reference" else coser_restore_tiled
+            self._programs[key] = jax.jit(partial(fn, nets, settings))
+        return self._programs[key]
+
+    def _schedule(self, steps: int):
+        if steps not in self._schedules:
+            self._schedules[steps] = respaced_schedule(steps)
+        return self._schedules[steps]
+
+    def _keys(self, n: int, seed: int):
+        # The reference reseeds before every image: all draw from the same key.
+        return jax.vmap(lambda _: jax.random.key(seed))(jnp.arange(n))
+
+    def _text_batch(self, options: CoSeROptions, n: int):
+        p = self.encode_prompt(options.prompt)
+        q = self.encode_prompt(options.negative_prompt)
+        return (jax.device_put(jnp.broadcast_to(p, (n, *p.shape)), self._batch),
+                jax.device_put(jnp.broadcast_to(q, (n, *q.shape)), self._batch))
+
+    # ------------------------------------------------------------- reference mode
+    def _run_reference(self, images: list[np.ndarray], options: CoSeROptions, seed: int):
+        """Same-bucket images -> (uint8 SR [4h, 4w, 3], uint8 references) lists."""
+        n = len(images)
+        m = _round_up(n, self.num_devices)
+        ph, pw = _round_up(images[0].shape[0], _LR_MULTIPLE), _round_up(images[0].shape[1],
+                                                                         _LR_MULTIPLE)
+        lr = np.stack([np.pad(im, ((0, ph - im.shape[0]), (0, pw - im.shape[1]), (0, 0)),
+                              mode="reflect") for im in images]).astype(np.float32) / 255.0
+        prompt, negative = self._text_batch(options, m)
+        out = self._program("reference", self._nets_for(options), self._settings(options))(
+            self.params, self._schedule(options.steps),
+            jax.device_put(_pad_rows(lr, m), self._batch), prompt, negative,
+            jax.device_put(self._keys(m, seed), self._batch))
+        sr, ref = np.asarray(out.image), np.asarray(out.reference_image)
+        crop = lambda a, im: a[:UPSCALE * im.shape[0], :UPSCALE * im.shape[1]]
+        return ([crop(a, im) for a, im in zip(sr[:n], images)],
+                [crop(a, im) for a, im in zip(ref[:n], images)])
+
+    # ----------------------------------------------------------------- tiled mode
+    def _run_tiled(self, image: np.ndarray, options: CoSeROptions, seed: int,
+                   batch_size: int) -> np.ndarray:
+        """One image through inference_tile.py's procedure -> uint8 [4h, 4w, 3]."""
+        h, w = image.shape[:2]
+        lr = jnp.asarray(image[None].astype(np.float32) / 255.0)
+        adapter = self._adapter_fn(self.params, lr)                  # E of the whole LR
+        s = max(options.input_size / min(h, w), float(UPSCALE))
+        size = (int(h * s), int(w * s))
+        im_lq = np.asarray(self._enlarge_fn(lr, size))[0]
+        big_h, big_w = size
+        ph, pw = _round_up(big_h, _PATCH_MULTIPLE), _round_up(big_w, _PATCH_MULTIPLE)
+        if (ph, pw) != size:
+            im_lq = np.pad(im_lq, ((0, ph - big_h), (0, pw - big_w), (0, 0)), mode="reflect")
+        ys = patch_starts(ph, options.patch_size, options.patch_stride)
+        xs = patch_starts(pw, options.patch_size, options.patch_stride)
+        boxes = [(y, x) for x in xs for y in ys]          # ImageSpliterTh's order
+        th, tw = min(ph, options.patch_size), min(pw, options.patch_size)
+        total = np.zeros((ph, pw, 3), np.float32)
+        count = np.zeros((ph, pw, 1), np.float32)
+        program = self._program("tiled", self._nets_for(options), self._settings(options))
+        step = max(1, batch_size)
+        for start in range(0, len(boxes), step):
+            chunk = boxes[start:start + step]
+            m = _round_up(len(chunk), self.num_devices)
+            patches = np.stack([im_lq[y:y + th, x:x + tw] for y, x in chunk])
+            prompt, negative = self._text_batch(options, m)
+            out, _ = program(self.params, self._schedule(options.steps),
+                             jax.device_put(_pad_rows(patches, m), self._batch),
+                             jax.device_put(jnp.broadcast_to(adapter, (m, *adapter.shape[1:])),
+                                            self._batch),
+                             prompt, negative, jax.device_put(self._keys(m, seed), self._batch))
+            for (y, x), patch in zip(chunk, np.asarray(out)[:len(chunk)]):
+                total[y:y + th, x:x + tw] += patch
+                count[y:y + th, x:x + tw] += 1.0
+        sr = np.clip((total / count)[:big_h, :big_w] / 2.0 + 0.5, 0.0, 1.0)
+        if s > UPSCALE:
+            sr = np.asarray(torch_resize_bicubic(jnp.asarray(sr[None]),
+                                                 (UPSCALE * h, UPSCALE * w)))[0]
+            sr = np.clip(sr, 0.0, 1.0)
+        return (sr * 255.0).astype(np.uint8)
+
+    # ---------------------------------------------------------------------- API
+    def upscale(self, images, *, options: CoSeROptions | None = None, seed: int = 2887,
+                batch_size: int | None = None, return_references: bool = False):
+        """Super-resolve images of any sizes; returns uint8 [4h, 4w, 3] arrays in input
+        order, and with `return_references` also the generated reference images
+        (uint8 [4h, 4w, 3]; None for images done in tiled mode, which generates none).
+
+        images: uint8 arrays [h, w, 3] (or [h, w]) or PIL images of any mode.
+        batch_size: images (or tiled-mode patches) per compiled call (default: the
+          device count); padded to a multiple of the device count.
+        """
+        options = options or CoSeROptions()
+        arrays = [as_rgb_array(im) for im in images]
+        batch_size = batch_size or self.num_devices
+        outputs: list = [None] * len(arrays)
+        references: list = [None] * len(arrays)
+        buckets: dict[tuple, list[int]] = {}
+        for k, im in enumerate(arrays):
+            buckets.setdefault(self.bucket_key(im, options), []).append(k)
+        for (mode, _, _), members in buckets.items():
+            if mode == "tiled":
+                for k in members:
+                    outputs[k] = self._run_tiled(arrays[k], options, seed, batch_size)
+                continue
+            for start in range(0, len(members), batch_size):
+                chunk = members[start:start + batch_size]
+                sr, ref = self._run_reference([arrays[k] for k in chunk], options, seed)
+                for k, a, b in zip(chunk, sr, ref):
+                    outputs[k], references[k] = a, b
+        return (outputs, references) if return_references else outputs
+
+
+def _enlarge(lr, size: tuple[int, int]):
+    """im_lq = clamp(bicubic(2·lr − 1, size), −1, 1) with PyTorch's bicubic (a = −0.75)."""
+    return jnp.clip(torch_resize_bicubic(2.0 * lr - 1.0, size), -1.0, 1.0)

@@ -1,0 +1,90 @@
+"""CoSeRPipeline's tiled mode (CoSeR's scripts/inference_tile.py) against the PyTorch
+loop of tests/coser_sampling_reference.py on a tiny release converted by `convert_coser`:
+gray reference, E of the whole LR, enlargement by s > 4 and the bicubic way back to ×4,
+reflect padding to 32, two overlapping 1280-style patches (scaled down) averaged, two
+Gaussian-blended latent tiles per patch, guidance, AdaIN. The reference mode is checked
+end to end through the CLI (tests/test_cli_coser.py)."""
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from jaxsr.convert.coser_weights import convert_coser
+from jaxsr.pipelines.coser import CoSeROptions, CoSeRPipeline, patch_starts
+from jaxsr.pipelines.coser_sampling import draw_noises
+from tests import coser_sampling_reference as ref
+from tests.coser_release import ARCH, write_tiny_coser_release
+from tests.parity import nhwc_to_nchw
+
+STEPS, SEED = 3, 11
+# LR 20×12: s = 64/12 = 5.33 -> 106×64, padded to 128×64 -> patches of 96×64 at rows
+# 0 and 32 -> latents 12×8 -> tiles of 8 at rows 0 and 4.
+LR_HW = (20, 12)
+OPTIONS = CoSeROptions(steps=STEPS, mode="tiled", decoder="vae", color_fix="adain",
+                       input_size=64, latent_tile=8, latent_tile_overlap=4, patch_size=96,
+                       patch_stride=64)
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    root = tmp_path_factory.mktemp("coser_tiled")
+    paths, states, modules = write_tiny_coser_release(root / "release")
+    folder = convert_coser(coser=paths["coser"], qformer=paths["qformer"], sd=paths["sd21"],
+                           tokenizer=paths["tokenizer"], output=root / "weights", arch=ARCH,
+                           log=lambda *_: None)
+    return folder, modules
+
+
+@pytest.mark.parametrize("length, size, stride, want", [
+    (100, 128, 96, [0]), (128, 96, 64, [0, 32]), (2000, 1280, 1000, [0, 720]),
+    (3000, 1280, 1000, [0, 1000, 1720]), (1280, 1280, 1000, [0])])
+def test_patch_starts_match_image_spliter(length, size, stride, want):
+    assert patch_starts(length, size, stride) == ref.patch_starts(length, size, stride) == want
+
+
+def test_options_are_checked_and_modes_picked():
+    with pytest.raises(ValueError, match="mode"):
+        CoSeROptions(mode="fast")
+    with pytest.raises(ValueError, match="patch size"):
+        CoSeROptions(patch_size=100)
+    auto = CoSeROptions()
+    assert auto.pick_mode(128, 128) == "reference"        # 512² output: CoSeR's size
+    assert auto.pick_mode(128, 129) == "tiled"
+
+
+@pytest.mark.slow       # one more compile of a whole sampling program (~1-2 min on 2 cores)
+def test_tiled_mode_matches_torch(release):
+    folder, modules = release
+    pipe = CoSeRPipeline.from_pretrained(folder, dtype="float32", devices=jax.devices()[:1])
+    rng = np.random.default_rng(3)
+    lr = rng.integers(0, 256, (*LR_HW, 3), dtype=np.uint8)
+    [got] = pipe.upscale([lr], options=OPTIONS, seed=SEED)
+    assert got.shape == (4 * LR_HW[0], 4 * LR_HW[1], 3) and got.dtype == np.uint8
+
+    # Every patch draws from key(seed) (the script reseeds per patch): the same noises.
+    keys = jax.vmap(lambda _: jax.random.key(SEED))(np.arange(1))
+    noises = jax.device_get(draw_noises(keys, STEPS, (12, 8, 4)))
+    tt = lambda a: torch.from_numpy(np.ascontiguousarray(nhwc_to_nchw(a)))
+    text = modules["text"]
+    ids = lambda p: torch.from_numpy(np.asarray(
+        pipe.tokenizer([p], padding="max_length", max_length=77, truncation=True)["input_ids"]))
+    with torch.no_grad():
+        prompt = text(ids(OPTIONS.prompt)).last_hidden_state
+        negative = text(ids(OPTIONS.negative_prompt)).last_hidden_state
+    want = ref.reference_coser_tiled(
+        torch.from_numpy(nhwc_to_nchw(lr[None].astype(np.float32) / 255.0).copy()),
+        sr=modules["sr"], tower=modules["tower"], qformer=modules["qformer"],
+        query_tokens=torch.from_numpy(modules["query_tokens"]),
+        vision_size=ARCH.cognitive.vision.image_size, vae=modules["vae"],
+        unet=modules["unet"], cn=modules["controlnet"], prompt=prompt, negative=negative,
+        noises={"start": tt(noises["start"]), "steps": [tt(n) for n in noises["steps"]]},
+        steps=STEPS, cfg=OPTIONS.guidance_scale, fix="adain", input_size=OPTIONS.input_size,
+        tile=OPTIONS.latent_tile, overlap=OPTIONS.latent_tile_overlap,
+        patch=OPTIONS.patch_size, stride=OPTIONS.patch_stride)[0]
+    diff = np.abs(got.astype(int) - want.astype(int))
+    mse = np.mean(diff.astype(np.float64) ** 2)
+    psnr = np.inf if mse == 0 else 10 * np.log10(255.0**2 / mse)
+    print(f"\ntiled CoSeR vs torch: PSNR {psnr:.2f} dB, max diff {diff.max()} "
+          f"({np.count_nonzero(diff)} of {diff.size} values differ)")
+    assert psnr >= 40.0 and diff.max() <= 2
