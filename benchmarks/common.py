@@ -64,3 +64,43 @@ def write_json(path: str | Path, payload: dict) -> None:
     tmp.write_text(json.dumps(payload, indent=2))
     tmp.replace(path)
     print(f"wrote {path}")
+
+
+def random_params(shapes, seed: int, scale: float = 0.02):
+    """Random float32 host arrays (numpy) for a tree of ShapeDtypeStructs: benchmarks time
+    the released network sizes without downloading weights."""
+    import jax
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(
+        lambda s: rng.standard_normal(s.shape, dtype=np.float32) * np.float32(scale), shapes)
+
+
+def measure_peak(dtype, seconds: float = 3.0) -> float:
+    """Achieved FLOP/s of a large square matmul in `dtype` on the default device: the
+    yardstick for "fraction of peak" (a measured, not a datasheet, peak)."""
+    import jax
+    import jax.numpy as jnp
+
+    n = 4096 if jax.default_backend() != "cpu" else 2048
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        f(a).block_until_ready()
+        reps += 1
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def xla_flops(compiled) -> float | None:
+    """The "flops" entry of XLA's cost analysis of a compiled program (None when the
+    backend gives none). XLA counts the body of a while loop once, whatever its trip
+    count; callers compose loops themselves."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list | tuple):
+        cost = cost[0] if cost else None
+    if not cost or "flops" not in cost:
+        return None
+    return float(cost["flops"])

@@ -35,36 +35,17 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import environment, print_table, write_json  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    environment,
+    measure_peak,
+    print_table,
+    random_params,
+    write_json,
+)
 
 SD2_SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
                  "num_train_timesteps": 1000, "steps_offset": 1, "clip_sample": False,
                  "set_alpha_to_one": False, "prediction_type": "epsilon"}
-
-
-def random_params(shapes, seed: int, scale: float = 0.02):
-    """Random float32 params for a tree of ShapeDtypeStructs (numpy, then device)."""
-    import jax
-
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(
-        lambda s: (rng.standard_normal(s.shape, dtype=np.float32) * np.float32(scale)), shapes)
-
-
-def measure_peak(dtype, seconds: float = 3.0) -> float:
-    """FLOP/s of a large square matmul in `dtype` on the default device."""
-    import jax
-    import jax.numpy as jnp
-
-    n = 4096 if jax.default_backend() != "cpu" else 2048
-    a = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    reps, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        f(a).block_until_ready()
-        reps += 1
-    return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
 def flops_of(compiled) -> float:
