@@ -133,7 +133,7 @@ class JaxsrImageFolder(tfds.core.GeneratorBasedBuilder):
             for start in range(0, len(names), _CHECK_CHUNK):
                 chunk = names[start:start + _CHECK_CHUNK]
                 paths = [os.path.join(image_dir, n) for n in chunk]
-                for name, (data, error) in zip(chunk, pool.map(_read_checked, paths)):
+                for name, (data, error) in zip(chunk, pool.map(read_checked, paths)):
                     if error is not None:
                         warnings.warn(f"skipping {error}", SkippedImageWarning, stacklevel=1)
                         continue
@@ -144,7 +144,7 @@ class JaxsrImageFolder(tfds.core.GeneratorBasedBuilder):
                              "could be read")
 
 
-def _read_checked(path: str) -> tuple[bytes | None, ImageError | None]:
+def read_checked(path: str) -> tuple[bytes | None, ImageError | None]:
     """(file bytes, None) if the file decodes as an image, else (None, the error)."""
     try:
         data = Path(path).read_bytes()
@@ -166,8 +166,15 @@ def prepare_folder(image_dir, data_dir, name: str, *, wait_timeout_s: float = 6 
     waits up to `wait_timeout_s` for it to finish instead of building it twice.
     """
     image_dir = os.path.abspath(os.fspath(image_dir))
-    target = prepared_dir(data_dir, name)
-    lock = target.parent / f".{DATASET_VERSION}.lock"
+    prepare_once(prepared_dir(data_dir, name), lambda: _build(image_dir, data_dir, name),
+                 wait_timeout_s=wait_timeout_s, poll_s=poll_s)
+
+
+def prepare_once(target: Path, build, *, wait_timeout_s: float = 6 * 3600,
+                 poll_s: float = 1.0) -> None:
+    """Run `build()` (which must leave a finished TFDS dataset at `target`) unless the
+    dataset is there already, one process at a time: see `prepare_folder`."""
+    lock = target.parent / f".{target.name}.lock"
     deadline = time.monotonic() + wait_timeout_s
     while True:
         if _is_prepared(target):
@@ -175,7 +182,7 @@ def prepare_folder(image_dir, data_dir, name: str, *, wait_timeout_s: float = 6 
         if _take_lock(lock):
             try:
                 if not _is_prepared(target):  # another process may have just finished
-                    _build(image_dir, data_dir, name)
+                    build()
             finally:
                 lock.unlink(missing_ok=True)
             return
@@ -193,6 +200,14 @@ def prepare_folder(image_dir, data_dir, name: str, *, wait_timeout_s: float = 6 
 def _build(image_dir: str, data_dir, name: str) -> None:
     print(f"preparing a TFDS dataset of the images in {image_dir} (once; nothing is "
           "downloaded)", flush=True)
+    build_quietly(lambda: JaxsrImageFolder(
+        config=ImageFolderConfig(name=name, image_dir=image_dir,
+                                 description=f"Images read from {image_dir}."),
+        data_dir=os.fspath(data_dir), file_format="array_record"))
+
+
+def build_quietly(make_builder) -> None:
+    """make_builder().download_and_prepare() for a builder with nothing to download."""
     # TFDS's progress bars, its "Downloading and preparing" message and its warning
     # about custom configs would suggest a download; the line above says what happens.
     from absl import logging as absl_logging
@@ -201,10 +216,7 @@ def _build(image_dir: str, data_dir, name: str) -> None:
     absl_logging.set_verbosity(absl_logging.ERROR)
     tfds.disable_progress_bar()
     try:
-        builder = JaxsrImageFolder(
-            config=ImageFolderConfig(name=name, image_dir=image_dir,
-                                     description=f"Images read from {image_dir}."),
-            data_dir=os.fspath(data_dir), file_format="array_record")
+        builder = make_builder()
         with contextlib.redirect_stdout(io.StringIO()):
             builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
                 try_download_gcs=False, compute_stats=tfds.download.ComputeStatsMode.SKIP))

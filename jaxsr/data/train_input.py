@@ -108,13 +108,17 @@ def make_train_iterator(source, *, global_batch_size: int, crop_size: int, seed:
                         process_index: int, process_count: int, shuffle: bool = True,
                         num_epochs: int | None = None, worker_count: int = 0,
                         read_options: grain.ReadOptions | None = None,
-                        augment: str = "crop_flip"):
+                        augment: str = "crop_flip",
+                        transform: grain.transforms.MapWithIndex | None = None):
     """A grain iterator of this process's training batches (see the module docstring).
 
     source: random access (`len`, `[i]` -> {"image": uint8 [H, W, 3]}), e.g. from
         `jaxsr.data.sources.open_source`.
     num_epochs: None repeats forever.
     augment: "crop_flip" (random crop + flip, SeeSR) or "resize" (whole image, DAPE).
+    transform: replaces `augment`: a map of (stream index g, source record) to one
+        example, given g = epoch * len(source) + source index as the built-in ones are
+        (e.g. jaxsr.data.coser_input's image + caption + reference examples).
     worker_count: grain worker processes for decoding and cropping; 0 decodes in
         threads of this process (`read_options`: default up to 8 threads, as many
         batches read ahead).
@@ -140,8 +144,10 @@ def make_train_iterator(source, *, global_batch_size: int, crop_size: int, seed:
     local_batch = global_batch_size // process_count
 
     ds = grain.MapDataset.source(source)
-    ds = ds.map_with_index(RandomCropFlip(crop_size, seed, n) if augment == "crop_flip"
-                           else ResizeWhole(crop_size, n))
+    if transform is None:
+        transform = (RandomCropFlip(crop_size, seed, n) if augment == "crop_flip"
+                     else ResizeWhole(crop_size, n))
+    ds = ds.map_with_index(transform)
     if shuffle:
         ds = ds.shuffle(seed=int(np.random.SeedSequence(
             [int(seed), _SHUFFLE_STREAM]).generate_state(1)[0]))

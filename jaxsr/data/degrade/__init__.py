@@ -7,6 +7,7 @@ pipeline `degrade(key, hr, preset) -> (lr, target)`.
 
 from jaxsr.data.degrade.pipeline import degrade, degrade_batch, degrade_image
 from jaxsr.data.degrade.presets import (
+    COSER,
     REALESRGAN,
     SEESR,
     DegradationPreset,
@@ -14,13 +15,13 @@ from jaxsr.data.degrade.presets import (
     StageSettings,
 )
 
-__all__ = ["REALESRGAN", "SEESR", "DegradationPreset", "KernelSettings", "StageSettings",
+__all__ = ["COSER", "REALESRGAN", "SEESR", "DegradationPreset", "KernelSettings", "StageSettings",
            "degrade", "degrade_batch", "degrade_image", "preset_by_name"]
 
 
 def preset_by_name(name: str) -> DegradationPreset:
-    """"seesr" or "realesrgan" (case-insensitive)."""
-    presets = {"seesr": SEESR, "realesrgan": REALESRGAN}
+    """"seesr", "realesrgan" or "coser" (case-insensitive)."""
+    presets = {"seesr": SEESR, "realesrgan": REALESRGAN, "coser": COSER}
     if name.lower() not in presets:
         raise ValueError(f"unknown degradation preset {name!r}; use one of "
                          f"{', '.join(presets)}")

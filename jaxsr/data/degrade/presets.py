@@ -1,6 +1,6 @@
 """Every probability and range of the second-order degradation, as frozen dataclasses.
 
-Two presets:
+Three presets:
 
 - `SEESR`: the values hard-coded in SeeSR's `make_paired_data.py` (reference notes,
   section 6), i.e. the Real-ESRGAN ×4 "plus" training settings, with the GT sharpened
@@ -12,6 +12,10 @@ Two presets:
   colour-jitter 0" is read as the yml's image-level grayscale conversion and
   colour jitter (not part of this pipeline); gray *noise* keeps p = 0.4, the
   Real-ESRGAN default.
+- `COSER`: StableSR's variant that CoSeR trains with (coser_reference.md section 5):
+  Real-ESRGAN's stage settings with milder blur (σ [0.2, 1.5] then [0.2, 1.0],
+  β_g [0.5, 2], β_p [1, 1.5] in both stages), the GT USM-sharpened first, and the LR
+  only clamped, not rounded to 1/255 (StableSR keeps it in memory, never as a file).
 
 Noise σ ranges are in 8-bit units (σ/255 is applied), as in the reference. The
 dataclasses are hashable, so a preset can be a static argument of `jax.jit`.
@@ -105,5 +109,18 @@ REALESRGAN = DegradationPreset(
     second_blur_prob=0.5,
     usm_sharpen=False,
     round_lr=True,
+    round_target=False,
+)
+
+COSER = DegradationPreset(
+    kernel1=KernelSettings(sigma_range=(0.2, 1.5), betag_range=(0.5, 2.0),
+                           betap_range=(1.0, 1.5)),
+    kernel2=KernelSettings(sigma_range=(0.2, 1.0), betag_range=(0.5, 2.0),
+                           betap_range=(1.0, 1.5)),
+    first=REALESRGAN.first,
+    second=REALESRGAN.second,
+    second_blur_prob=0.5,
+    usm_sharpen=True,   # the LR is made from the sharpened GT, which is also the target
+    round_lr=False,
     round_target=False,
 )
