@@ -5,7 +5,8 @@
     jaxsr train --config configs/dape_train.py --workdir runs/dape \\
         --config.init.ram=ram_swin_large_14m.pth --config.data.source=coco
 
-config.task picks the trainer: "seesr" (the default) or "dape".
+config.task picks the trainer: "seesr" (the default), "dape", "coser_stage1" or
+"coser_stage2" (configs/coser_train.py).
 
 The workdir holds checkpoints/ (orbax), metrics.jsonl, tensorboard/ and config.json.
 Run the same command again to resume from the newest checkpoint. SIGTERM saves a
@@ -43,7 +44,9 @@ def run(args) -> int:
     distributed.initialize(args)            # before any JAX backend starts
     import jax
 
-    trainers = {"seesr": "jaxsr.train.seesr_trainer", "dape": "jaxsr.train.dape_trainer"}
+    trainers = {"seesr": "jaxsr.train.seesr_trainer", "dape": "jaxsr.train.dape_trainer",
+                "coser_stage1": "jaxsr.train.coser_trainer",
+                "coser_stage2": "jaxsr.train.coser_trainer"}
     task = config.get("task", "seesr")
     if task not in trainers:
         raise ValueError(f"config.task {task!r} is not one of {sorted(trainers)}")

@@ -52,6 +52,10 @@ class Task:
     loss_fn(trainable, frozen, hr, keys) -> (loss, aux): hr float32 [m, S, S, 3] in
       [0, 1], the clean crops of one micro-batch; keys [m] typed, one per example; aux
       a dict of float32 scalars logged beside the loss.
+    extra_inputs: {name: (shape, dtype)} of per-example fields the iterator's batches
+      carry beside "hr" (token ids, a reference image, ...); they reach loss_fn as
+      keyword arguments, [m, *shape] per micro-batch, exactly as the iterator gave them.
+      Empty (the default): loss_fn(trainable, frozen, hr, keys) as above.
     make_sampler(mesh, frozen_shardings) -> sample(step, trainable, frozen): optional;
       writes sample images; called by every process (it runs on the mesh).
     finish(state, step): optional; runs in every process after the last step (export).
@@ -62,6 +66,7 @@ class Task:
     loss_fn: Callable
     make_sampler: Callable | None = None
     finish: Callable | None = None
+    extra_inputs: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -73,13 +78,17 @@ class TrainResult:
     frozen: dict                # the frozen params, as placed on the mesh
 
 
-def global_batch(local: dict, sharding, accum: int):
-    """Process-local uint8 [b, S, S, 3] → global [A, B/A, S, S, 3] on the mesh."""
-    hr = np.asarray(local["hr"])
-    b = hr.shape[0]
-    local_ = hr.reshape((accum, b // accum) + hr.shape[1:])
-    shape = (accum, b // accum * jax.process_count()) + hr.shape[1:]
-    return jax.make_array_from_process_local_data(sharding, local_, shape)
+def global_batch(local: dict, sharding, accum: int, names=("hr",)) -> dict:
+    """Process-local fields [b, ...] (hr: uint8 [b, S, S, 3]) → {name: global
+    [A, B/A, ...]} on the mesh, for each of `names`."""
+    def one(x):
+        x = np.asarray(x)
+        b = x.shape[0]
+        local_ = x.reshape((accum, b // accum) + x.shape[1:])
+        shape = (accum, b // accum * jax.process_count()) + x.shape[1:]
+        return jax.make_array_from_process_local_data(sharding, local_, shape)
+
+    return {name: one(local[name]) for name in names}
 
 
 def _barrier(name: str) -> None:
@@ -143,7 +152,8 @@ def run(task: Task, config, workdir, *, devices=None, make_iterator=None) -> Tra
     process). The result's status is 0 when total_steps are done, or EXIT_TERMINATED
     after a SIGTERM (a checkpoint of the last step is saved).
     make_iterator: () -> an iterator with get_state/set_state yielding
-    {"hr": uint8 [b_local, S, S, 3]} (default: config.data through TFDS and grain)."""
+    {"hr": uint8 [b_local, S, S, 3]} and the task's extra_inputs (default: config.data
+    through TFDS and grain)."""
     workdir = Path(workdir)
     log = MetricWriter(workdir, config.total_steps)
 
@@ -192,13 +202,20 @@ def run(task: Task, config, workdir, *, devices=None, make_iterator=None) -> Tra
 
     # ------------------------------------------------------------------ compile
     base_key = jax.random.key(config.seed)
-    loss_fn = lambda p, fz, hr, keys: task.loss_fn(p, fz, hr.astype(jnp.float32) / 255.0, keys)
+    extra = dict(task.extra_inputs)
+
+    def loss_fn(p, fz, batch, keys):
+        hr = batch["hr"].astype(jnp.float32) / 255.0
+        return task.loss_fn(p, fz, hr, keys, **{k: batch[k] for k in extra})
+
     step_fn = jax.jit(partial(train_step, loss_fn, tx, schedule, float(config.ema_decay)),
                       in_shardings=(state_sh, frozen_sh, batch_sh, rep),
                       out_shardings=(state_sh, rep), donate_argnums=(0,))
     s = config.data.crop_size
-    batch_shape = jax.ShapeDtypeStruct((accum, gbs // accum, s, s, 3), jnp.uint8,
-                                       sharding=batch_sh)
+    per_example = {"hr": ((s, s, 3), jnp.uint8), **extra}
+    batch_shape = {k: jax.ShapeDtypeStruct((accum, gbs // accum, *shape), dtype,
+                                           sharding=batch_sh)
+                   for k, (shape, dtype) in per_example.items()}
     t0 = time.perf_counter()
     compiled = step_fn.lower(abstract, frozen, batch_shape, base_key).compile()
     step_flops = _flops(compiled)
@@ -216,7 +233,7 @@ def run(task: Task, config, workdir, *, devices=None, make_iterator=None) -> Tra
     step = start
     try:
         while step < config.total_steps:
-            batch = global_batch(next(data), batch_sh, accum)
+            batch = global_batch(next(data), batch_sh, accum, tuple(per_example))
             state, metrics = compiled(state, frozen, batch, base_key)
             step += 1
             pending.append((step, metrics))
