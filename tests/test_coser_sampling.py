@@ -3,12 +3,13 @@ tests/coser_sampling_reference.py: tiny random networks (the AiA UNet and Contro
 of tests/coser_reference.py, the cognitive encoder of tests/coser_cognitive_reference.py,
 a diffusers VAE), float32, N = 3 respaced steps, AdaIN colour fix.
 
-One compiled program (the keys path) serves the fast tests: the parity test draws the
-noises with `draw_noises` (the draws the per-image keys give inside the program) and
-injects them into the torch loop; the batch test reuses the program with other images.
-The CFW decode stage is checked on its own (small compile) against
-tests/cfw_reference.py; the explicit-`noises` replay path needs a second full compile
-and is marked slow.
+One compiled program (the keys path) serves the parity test, which draws the noises
+with `draw_noises` (the draws the per-image keys give inside the program) and injects
+them into the torch loop, and the batch test, which reuses it with other images; both
+are marked slow, as the default suite runs the same program end to end through the CLI
+(tests/test_cli_coser.py). The CFW decode stage is checked on its own (small compile)
+against tests/cfw_reference.py; the explicit-`noises` replay path needs a second full
+compile and is slow too.
 """
 
 import functools
@@ -134,6 +135,10 @@ def run(release):
     return lambda *args: jax.device_get(program(params, schedule, *args))
 
 
+# The default suite checks the same program end to end through `jaxsr sr --model coser`
+# against the same PyTorch composition (tests/test_cli_coser.py); this program-level
+# check (latents too) costs one more compile of the whole sampler, so it is slow.
+@pytest.mark.slow
 def test_restore_matches_torch_loop(release, run):
     torch_modules = release[0]
     lr, prompt, negative = _inputs(0)
@@ -169,6 +174,7 @@ def test_restore_matches_torch_loop(release, run):
     assert rel_err(got.latent, got.reference_latent) > 1e-2
 
 
+@pytest.mark.slow       # shares test_restore_matches_torch_loop's compiled program
 def test_results_do_not_depend_on_the_batch(run):
     """Image a with key k_a gives the same result next to any other image, in any slot;
     other keys give other results."""

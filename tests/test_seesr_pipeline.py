@@ -81,6 +81,9 @@ def test_pil_inputs_of_any_mode(pipe):
     assert [o.shape for o in out] == [(40, 52, 3), (40, 52, 3)]
 
 
+# A smoke test of the other samplers through the whole pipeline (their steps are matched
+# to diffusers in test_schedulers.py): two more sampling compiles, so marked slow.
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["ddim", "dpmpp"])
 def test_other_samplers(pipe, sampler):
     ims = _images(0, (10, 13))
