@@ -2,8 +2,8 @@
 
     jaxsr convert --sd SD2 --output DIR
     jaxsr convert --sd SD2 --seesr SEESR_DIR --ram RAM.pth --dape DAPE.pth --output DIR
-    jaxsr convert --coser CoSeR.ckpt --qformer QF.ckpt --sd v2-1_512-ema-pruned.ckpt \
-        [--cfw vqgan_cfw_00011.ckpt] [--open-clip open_clip_pytorch_model.bin] \
+    jaxsr convert --coser CoSeR.ckpt --qformer QF.ckpt --sd v2-1_512-ema-pruned.ckpt \\
+        [--cfw vqgan_cfw_00011.ckpt] [--open-clip open_clip_pytorch_model.bin] \\
         [--tokenizer SD21/tokenizer] --output DIR
 
 The output folder holds the converted Flax parameters and a manifest (sources,
