@@ -245,3 +245,15 @@ def test_tokenizer_missing_files_named(tmp_path):
         load_tokenizer(folder)
     with pytest.raises(FileNotFoundError, match=r"nowhere does not exist"):
         load_tokenizer(tmp_path / "nowhere")
+
+
+def test_tokenizer_saved_by_transformers_loads_back(tmp_path):
+    """What `save_pretrained` writes (transformers 5: tokenizer.json only; older: vocab
+    and merges) is a folder load_tokenizer accepts, with the same ids (trained CoSeR
+    weights carry their tokenizer this way)."""
+    write_tiny_tokenizer(tmp_path / "tok", sd2_special_tokens=True)
+    tok = load_tokenizer(tmp_path / "tok")
+    tok.save_pretrained(tmp_path / "saved")
+    again = load_tokenizer(tmp_path / "saved")
+    prompts = ["a photo of a cat, sharp", "", "x" * 200]
+    np.testing.assert_array_equal(tokenize(again, prompts), tokenize(tok, prompts))

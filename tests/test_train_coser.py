@@ -488,12 +488,12 @@ def _train_and_resume(variant, photos, tmp_path, capsys):
     before = float(loss(task.trainable, frozen))
     after = float(loss(jax.device_get(result.state.params), frozen))
     print(f"{variant} fixed-batch loss: initial {before:.5f} -> trained {after:.5f}")
-    return before, after, straight
+    return before, after, straight, jax.device_get(result.state.params)
 
 
 @pytest.mark.slow
 def test_stage1_trains_resumes_and_exports(photos, tmp_path, capsys):
-    before, after, workdir = _train_and_resume("stage1_tiny", photos, tmp_path, capsys)
+    before, after, workdir, _ = _train_and_resume("stage1_tiny", photos, tmp_path, capsys)
     assert after < before
     # The exported file is what stage 2 reads as init.cognitive: strict conversion.
     from jaxsr.train.coser_trainer import cognitive_config
@@ -505,6 +505,27 @@ def test_stage1_trains_resumes_and_exports(photos, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_stage2_trains_and_resumes(photos, tmp_path, capsys):
-    before, after, _ = _train_and_resume("stage2_tiny", photos, tmp_path, capsys)
+def test_stage2_trains_resumes_and_exports(photos, tmp_path, capsys):
+    before, after, workdir, trained = _train_and_resume("stage2_tiny", photos, tmp_path,
+                                                        capsys)
     assert after < before
+    # The exported folder is a CoSeR weights folder: the trained ControlNet and *_lna
+    # layers inside, and CoSeRPipeline super-resolves with it.
+    from jaxsr.convert.coser_weights import load_coser_folder
+    from jaxsr.pipelines.coser import CoSeROptions, CoSeRPipeline
+    from jaxsr.train.coser_objective import split_lna
+    from jaxsr.train.coser_trainer import STAGE2_FOLDER
+
+    folder = workdir / STAGE2_FOLDER
+    weights = load_coser_folder(folder)
+    config = coser_train.get_config("stage2_tiny")
+    assert weights.architecture.unet.base.layers_per_block == config.model.unet.layers_per_block
+    for name, tree in (("controlnet", weights.params["controlnet"]),
+                       ("unet_lna", split_lna(weights.params["unet"])[1])):
+        for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(trained[name])):
+            np.testing.assert_array_equal(a, b)
+    pipe = CoSeRPipeline.from_pretrained(folder, devices=jax.devices()[:1])
+    lr = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    [sr], [ref] = pipe.upscale([lr], options=CoSeROptions(steps=2), return_references=True)
+    assert sr.shape == ref.shape == (64, 64, 3)
+

@@ -11,13 +11,15 @@ from pathlib import Path
 import numpy as np
 
 REQUIRED_FILES = ("vocab.json", "merges.txt")
+FAST_TOKENIZER_FILE = "tokenizer.json"
 SD_MAX_LENGTH = 77
 
 
 def load_tokenizer(path):
     """A diffusers `tokenizer/` folder -> transformers CLIPTokenizer.
 
-    The folder needs vocab.json and merges.txt; special_tokens_map.json and
+    The folder needs vocab.json and merges.txt, or a tokenizers-library
+    tokenizer.json (what transformers 5 saves); special_tokens_map.json and
     tokenizer_config.json are honoured when present (SD2's pads with "!", id 0,
     where OpenAI CLIP's pads with <|endoftext|>).
     Raises: FileNotFoundError naming the folder and the files it lacks.
@@ -29,7 +31,7 @@ def load_tokenizer(path):
         raise FileNotFoundError(f"tokenizer folder {path} does not exist (it should hold "
                                 f"{' and '.join(REQUIRED_FILES)})")
     missing = [f for f in REQUIRED_FILES if not (path / f).is_file()]
-    if missing:
+    if missing and not (path / FAST_TOKENIZER_FILE).is_file():
         raise FileNotFoundError(f"tokenizer folder {path} lacks {', '.join(missing)}")
     return CLIPTokenizer.from_pretrained(str(path))
 

@@ -3,10 +3,12 @@
     result = train(config, workdir)     # configs/coser_train.py; config.task picks the stage
 
 This file says what each stage trains (weights, the trainable / frozen split, the
-loss of `coser_objective`, the input of `jaxsr.data.coser_input`) and how stage 1's
-result leaves: WORKDIR/coser_stage1.safetensors, the SRResNet and the whole Q-Former
-under CoSeR's names (`pre_sr_model.*`, `global_adapter.*`), which stage 2 reads as
-`init.cognitive` (as it reads the released Q-Former checkpoint). `jaxsr.train.loop.run`
+loss of `coser_objective`, the input of `jaxsr.data.coser_input`) and how the results
+leave: stage 1 writes WORKDIR/coser_stage1.safetensors, the SRResNet and the whole
+Q-Former under CoSeR's names (`pre_sr_model.*`, `global_adapter.*`), which stage 2
+reads as `init.cognitive` (as it reads the released Q-Former checkpoint); stage 2
+writes WORKDIR/coser_weights/, a folder `jaxsr sr` and CoSeRPipeline load (the
+format of `jaxsr convert --coser`). `jaxsr.train.loop.run`
 is the loop.
 
 Weights (config.init):
@@ -41,11 +43,14 @@ from jaxsr.models.coser_unet import CoSeRUNet, CoSeRUNetConfig
 from jaxsr.models.qformer import QFormerConfig
 from jaxsr.models.srresnet import SRResNetConfig
 from jaxsr.train import coser_objective as obj
+from jaxsr.train.export import export_coser, gather_to_host
 from jaxsr.train.loop import EXIT_TERMINATED, Task, TrainResult, run
 
-__all__ = ["EXIT_TERMINATED", "STAGE1_FILE", "TrainResult", "coser_task", "train"]
+__all__ = ["EXIT_TERMINATED", "STAGE1_FILE", "STAGE2_FOLDER", "TrainResult", "coser_task",
+           "train"]
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 STAGE1_FILE = "coser_stage1.safetensors"
+STAGE2_FOLDER = "coser_weights"
 STAGES = {"coser_stage1": 1, "coser_stage2": 2}
 
 
@@ -176,7 +181,7 @@ def export_stage1(trainable, unused_qformer, path, *, step: int | None = None) -
     from jaxsr.convert.safetensors_io import write_safetensors
     from jaxsr.convert.tree import flax_to_torch
 
-    host = jax.tree.map(np.asarray, trainable)
+    host = gather_to_host(trainable)
     qformer = obj.merge(host["global_adapter"], unused_qformer)
     tensors = {}
     for prefix, tree in ((PRE_SR_PREFIX, host["pre_sr_model"]), (QFORMER_PREFIX, qformer)):
@@ -261,8 +266,27 @@ def stage2_task(config, workdir, weights: StageWeights, degrade_fn, sharpen_refe
         ref = ref.astype(jnp.float32) / 255.0
         return obj.stage2_loss(nets, params, frozen, hr, keys, degrade_fn, ref, ids, **kw)
 
-    return Task(trainable=trainable, frozen=frozen, loss_fn=loss_fn,
+    base_unet = frozen["unet"]
+
+    def finish(state, step):
+        from jaxsr.convert.coser_weights import CoSeRArchitecture
+
+        arch = CoSeRArchitecture(unet=nets.unet.config, controlnet=nets.controlnet.config,
+                                 vae=weights.vae[0], text_encoder=weights.text_config,
+                                 cognitive=weights.cognitive_config)
+        trained = {"unet": obj.merge(base_unet, gather_to_host(state.params["unet_lna"])),
+                   "controlnet": state.params["controlnet"], "vae": weights.vae[1],
+                   "text_encoder": weights.text_encoder, "cognitive": weights.cognitive}
+        out = export_coser(arch, trained, weights.tokenizer, Path(workdir) / STAGE2_FOLDER,
+                           step=step, scheduler_config=dict(config.model.scheduler))
+        if jax.process_index() == 0:
+            print(f"wrote the trained CoSeR weights to {out} (jaxsr sr --weights {out})",
+                  flush=True)
+
+    return Task(trainable=trainable, frozen=frozen, loss_fn=loss_fn, finish=finish,
                 extra_inputs={"ids": ((77,), jnp.int32), "ref": ((s, s, 3), jnp.uint8)})
+
+
 
 
 # ----------------------------------------------------------------- both

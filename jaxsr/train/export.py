@@ -21,7 +21,8 @@ from jaxsr.convert.cache import load_converted, read_manifest, save_converted
 from jaxsr.train.seesr_objective import join_unet, split_unet
 
 
-def _to_host(tree):
+def gather_to_host(tree):
+    """Global (possibly sharded, multi-process) arrays -> float32 numpy on every process."""
     from jax.experimental import multihost_utils
 
     if jax.process_count() > 1:
@@ -31,7 +32,7 @@ def _to_host(tree):
 
 def export_seesr(init_folder, trainable, out_folder, *, step: int | None = None) -> Path:
     init_folder, out_folder = Path(init_folder), Path(out_folder)
-    trainable = _to_host(trainable)
+    trainable = gather_to_host(trainable)
     if jax.process_index() != 0:
         return out_folder
     manifest = read_manifest(init_folder)
@@ -51,3 +52,31 @@ def export_seesr(init_folder, trainable, out_folder, *, step: int | None = None)
     if (init_folder / "ram").is_dir():
         shutil.copytree(init_folder / "ram", out / "ram", dirs_exist_ok=True)
     return out
+
+
+def export_coser(arch, params: dict, tokenizer, out_folder, *, step: int | None = None,
+                 scheduler_config: dict | None = None) -> Path:
+    """Trained CoSeR networks → a weights folder of `jaxsr convert --coser`'s format.
+
+    arch: a `jaxsr.convert.coser_weights.CoSeRArchitecture`; params: {"unet",
+    "controlnet", "vae", "text_encoder", "cognitive"} (host or global arrays: gathered
+    here, so call it from every process; process 0 writes); tokenizer: the
+    transformers CLIP tokenizer the run used (saved into the folder)."""
+    import tempfile
+
+    from jaxsr.convert.coser_weights import MODEL
+    from jaxsr.demo import SD2_SCHEDULER_CONFIG
+
+    params = gather_to_host(params)
+    out_folder = Path(out_folder)
+    if jax.process_index() != 0:
+        return out_folder
+    configs = arch.module_configs()
+    modules = {name: (configs[name], params[name]) for name in configs}
+    extra = {"model": MODEL, "scheduler_config": dict(scheduler_config or SD2_SCHEDULER_CONFIG),
+             "part_sources": {name: "jaxsr training" for name in configs}}
+    if step is not None:
+        extra["train_step"] = int(step)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        return save_converted(out_folder, modules, sources=[], tokenizer_dir=tmp, extra=extra)
