@@ -170,14 +170,13 @@ def param_shapes(sz: Sizes, use_cfw: bool) -> dict:
 # --------------------------------------------------------------------------- programs
 
 def _fresh_noise(key, shape):
-    """A `noise(name, stream, i)` source for the sampling loops: one normal draw per
-    stream and step, as the pipeline's own source makes (same cost)."""
+    """The pipeline's own noise source (`jaxsr.diffusion.noise`), one key per image:
+    the same draws and cost as inside `coser_restore`."""
     import jax
 
-    def noise(name, stream, i=None):
-        k = jax.random.fold_in(key, stream)
-        return jax.random.normal(k if i is None else jax.random.fold_in(k, i), shape)
-    return noise
+    from jaxsr.diffusion.noise import noise_source
+
+    return noise_source(jax.random.split(key, shape[0]), None, tuple(shape[1:]))
 
 
 def reference_loop(nets, settings, unet_params, schedule, x, positive, negative, key):

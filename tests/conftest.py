@@ -7,6 +7,20 @@
 """
 
 import jax
+import pytest
 
 jax.config.update("jax_default_matmul_precision", "highest")
 jax.config.update("jax_num_cpu_devices", 8)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny PyTorch references run hundreds of small ops: torch's thread pool only
+    contends with XLA's compiler. Modules opt in with
+    `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

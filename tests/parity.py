@@ -30,3 +30,8 @@ def psnr_uint8(a, b) -> float:
     assert a.shape == b.shape, (a.shape, b.shape)
     mse = np.mean((a - b) ** 2)
     return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+
+
+# XLA options for parity tests: the numbers do not depend on LLVM's optimisation level,
+# and without it the tiny networks compile in about half the time.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}

@@ -45,7 +45,7 @@ def _convert(paths, out, **replace):
 @pytest.fixture(scope="module")
 def converted(release, tmp_path_factory):
     out = tmp_path_factory.mktemp("coser_weights")
-    assert _convert(release[0], out, ) == 0
+    assert _convert(release[0], out) == 0
     return out
 
 

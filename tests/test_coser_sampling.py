@@ -47,7 +47,7 @@ from tests.coser_cognitive_reference import (
     blip2_to_coser,
     perturb_,
 )
-from tests.parity import nchw_to_nhwc, nhwc_to_nchw, rel_err, torch_state
+from tests.parity import FAST_COMPILE, nchw_to_nhwc, nhwc_to_nchw, rel_err, torch_state
 from tests.test_unet import TINY as UNET_TINY
 from tests.test_unet import randomize_
 from tests.test_vae import TINY as VAE_TINY
@@ -57,23 +57,14 @@ WIDTH = TINY_COGNITIVE.qformer.hidden_size          # E's width = the UNet's con
 UNET_KW = {**UNET_TINY, "cross_attention_dim": WIDTH}
 BASE = UNetConfig.from_diffusers_config(UNET_KW)
 SETTINGS = CoSeRSettings(color_fix="adain")
-# As tests/test_coser_unet.py: parity does not need LLVM's optimisations, and the
-# program compiles in about half the time without them.
-_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 def _compiled(fn, *args):
     """jit(fn) compiled for args with the fast-compile options."""
-    return jax.jit(fn).lower(*args).compile(compiler_options=_FAST_COMPILE)
+    return jax.jit(fn).lower(*args).compile(compiler_options=FAST_COMPILE)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """The reference is tiny; torch's thread pool only contends with XLA's compiler."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

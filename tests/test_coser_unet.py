@@ -28,7 +28,7 @@ from jaxsr.models.unet import UNetConfig, load_unet
 from jaxsr.nn.hard_attention import argmax_attention
 from tests import coser_reference as ref_lib
 from tests.keylists import read_listing
-from tests.parity import nchw_to_nhwc, nhwc_to_nchw, rel_err, torch_state
+from tests.parity import FAST_COMPILE, nchw_to_nhwc, nhwc_to_nchw, rel_err, torch_state
 from tests.test_unet import TINY, randomize_
 
 U, CN = convert.UNET_PREFIX, convert.CONTROLNET_PREFIX
@@ -71,9 +71,6 @@ def _inputs(seed=0, batch=2, size=16):
     return x, t, ctx, lr, ref
 
 
-# Parity does not depend on LLVM's optimisation level; without it the tiny UNets
-# compile in about half the time.
-_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 _COMPILED: dict = {}
 
 
@@ -81,17 +78,11 @@ def _run(name, fn, *args):
     """fn(*args), compiled once per `name` (every call under one name has the same
     shapes) with the fast-compile options."""
     if name not in _COMPILED:
-        _COMPILED[name] = jax.jit(fn).lower(*args).compile(compiler_options=_FAST_COMPILE)
+        _COMPILED[name] = jax.jit(fn).lower(*args).compile(compiler_options=FAST_COMPILE)
     return _COMPILED[name](*args)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """The reference is tiny; torch's thread pool only contends with XLA's compiler."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _jax_unet(p, x, t, ctx, lr=None, ref=None):

@@ -21,13 +21,7 @@ from tests.test_vae import TINY
 ENC_TILE, DEC_TILE = 64, 16  # pads stay the reference's 32 px / 11 latent
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """The transcription runs hundreds of tiny ops: extra threads only add contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -52,22 +52,16 @@ from tests.coser_cognitive_reference import (
 )
 from tests.coser_reference import aia_unet_forward
 from tests.coser_sampling_reference import SCALE, base_alphas_cumprod
-from tests.parity import nhwc_to_nchw, rel_err, torch_state
+from tests.parity import FAST_COMPILE, nhwc_to_nchw, rel_err, torch_state
 from tests.test_coser_sampling import release  # noqa: F401 - the shared tiny CoSeR fixture
 
 QUERIES = 50
 TEXT = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, max_position_embeddings=77, hidden_act="gelu")
 EOT = TEXT["vocab_size"] - 1
-_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _ids(n: int, seed: int) -> np.ndarray:
@@ -140,7 +134,7 @@ def test_stage1_loss_and_gradients_match_torch(text_pair):
     ids = np.stack([_ids(62, 7), _ids(20, 8)])        # one n ≥ 50, one n < 50
     value, grads = jax.jit(jax.value_and_grad(
         lambda p: obj.stage1_loss_of(nets, p, frozen, lr, ids))).lower(trainable).compile(
-        compiler_options=_FAST_COMPILE)(trainable)
+        compiler_options=FAST_COMPILE)(trainable)
 
     q_t = torch.nn.Parameter(torch.from_numpy(queries))
     for p in list(tower.parameters()) + list(text_t.parameters()):
@@ -211,7 +205,7 @@ def stage2(release, text_pair):  # noqa: F811 - the imported fixture
               "cognitive": params["cognitive"]}
     fn = lambda tr, fz, *args: obj.stage2_example_losses(s2, tr, fz, *args)
     args = _stage2_inputs(0, False)
-    program = jax.jit(fn).lower(trainable, frozen, *args).compile(compiler_options=_FAST_COMPILE)
+    program = jax.jit(fn).lower(trainable, frozen, *args).compile(compiler_options=FAST_COMPILE)
     return torch_modules, text_t, s2, trainable, frozen, program
 
 

@@ -385,7 +385,7 @@ def convert_coser(*, coser, qformer, sd, output, cfw=None, open_clip=None, token
     tokenizer/; taken from --sd when that is a diffusers folder. Without one the
     folder converts, but `jaxsr sr` needs it.
     """
-    from jaxsr.demo import SD2_SCHEDULER_CONFIG
+    from jaxsr.convert.sd2 import SD2_SCHEDULER_CONFIG
 
     sources, files, sd_tokenizer, scheduler = coser_sources(
         coser=coser, qformer=qformer, sd=sd, open_clip=open_clip, arch=arch)

@@ -58,7 +58,7 @@ from jaxsr.pipelines.coser_sampling import (
     coser_restore,
     coser_restore_tiled,
 )
-from jaxsr.pipelines.seesr import as_rgb_array
+from jaxsr.pipelines.seesr import as_rgb_array, pad_rows
 
 NEGATIVE_PROMPT = (
     "worst quality, normal quality, low quality, low res, blurry, text, watermark, logo, "
@@ -131,13 +131,6 @@ def patch_starts(length: int, size: int, stride: int) -> list[int]:
         return [0]
     starts = [min(s, length - size) for s in range(0, length, stride)]
     return list(dict.fromkeys(starts))
-
-
-def _pad_rows(x: np.ndarray, n: int) -> np.ndarray:
-    missing = n - x.shape[0]
-    if missing <= 0:
-        return x
-    return np.concatenate([x, np.repeat(x[-1:], missing, axis=0)])
 
 
 class CoSeRPipeline:
@@ -259,7 +252,7 @@ class CoSeRPipeline:
         prompt, negative = self._text_batch(options, m)
         out = self._program("reference", self._nets_for(options), self._settings(options))(
             self.params, self._schedule(options.steps),
-            jax.device_put(_pad_rows(lr, m), self._batch), prompt, negative,
+            jax.device_put(pad_rows(lr, m), self._batch), prompt, negative,
             jax.device_put(self._keys(m, seed), self._batch))
         sr, ref = np.asarray(out.image), np.asarray(out.reference_image)
         crop = lambda a, im: a[:UPSCALE * im.shape[0], :UPSCALE * im.shape[1]]
@@ -294,7 +287,7 @@ class CoSeRPipeline:
             patches = np.stack([im_lq[y:y + th, x:x + tw] for y, x in chunk])
             prompt, negative = self._text_batch(options, m)
             out, _ = program(self.params, self._schedule(options.steps),
-                             jax.device_put(_pad_rows(patches, m), self._batch),
+                             jax.device_put(pad_rows(patches, m), self._batch),
                              jax.device_put(jnp.broadcast_to(adapter, (m, *adapter.shape[1:])),
                                             self._batch),
                              prompt, negative, jax.device_put(self._keys(m, seed), self._batch))

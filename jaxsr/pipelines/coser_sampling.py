@@ -49,6 +49,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxsr.diffusion.colorfix import color_fix, to_uint8_truncate
+from jaxsr.diffusion.noise import noise_source, per_image_normal
 from jaxsr.diffusion.respace import RespacedSchedule, ldm_noise_tables, respaced_step
 from jaxsr.diffusion.tiling import tiled_apply
 from jaxsr.models.cfw_vae import CFWAutoencoderKL
@@ -97,37 +98,15 @@ class CoSeROutput(NamedTuple):
     reference_latent: jax.Array   # [B, h', w', c] float32, z_ref (scaled)
 
 
-def _draw(keys, stream: int, index, shape):
-    """One standard-normal [B, *shape] draw per image from its own key: key → fold_in
-    stream → fold_in step index (when not None). Independent of the batch's makeup."""
-    def one(key):
-        key = jax.random.fold_in(key, stream)
-        if index is not None:
-            key = jax.random.fold_in(key, index)
-        return jax.random.normal(key, shape, jnp.float32)
-    return jax.vmap(one)(keys)
-
-
 def draw_noises(keys, num_steps: int, latent_shape) -> dict[str, jax.Array]:
     """The draws `coser_restore` makes from `keys` ([B] typed keys), in the explicit
     `noises` layout: start [B, *latent_shape], reference_steps and steps
     [N, B, *latent_shape] (loop order: entry i is used at loop step i)."""
     latent_shape = tuple(latent_shape)
     per_step = lambda stream: jnp.stack(
-        [_draw(keys, stream, i, latent_shape) for i in range(num_steps)])
-    return {"start": _draw(keys, START_STREAM, None, latent_shape),
+        [per_image_normal(keys, stream, i, latent_shape) for i in range(num_steps)])
+    return {"start": per_image_normal(keys, START_STREAM, None, latent_shape),
             "reference_steps": per_step(REFERENCE_STREAM), "steps": per_step(SR_STREAM)}
-
-
-def _noise_source(keys, noises, latent_shape):
-    """noise(name, stream, i=None) -> [B, *latent_shape]: the explicit draw or a fresh
-    one. Fresh draws are made inside the loop, one step at a time (no [N, ...] buffer)."""
-    def noise(name, stream, i=None):
-        if noises is not None:
-            x = noises[name]
-            return (x[i] if i is not None else x).astype(jnp.float32)
-        return _draw(keys, stream, i, latent_shape)
-    return noise
 
 
 def lq_image(lr):
@@ -268,7 +247,7 @@ def coser_restore(nets: CoSeRNetworks, settings: CoSeRSettings, params: dict[str
     posterior = nets.vae.apply({"params": params["vae"]}, im_lq, method="encode")
     z_lr = posterior.mode() * nets.vae.config.scaling_factor
 
-    noise = _noise_source(keys, noises, z_lr.shape[1:])
+    noise = noise_source(keys, noises, z_lr.shape[1:])
     x_start = (settings.start_sqrt_alpha * z_lr
                + settings.start_sqrt_one_minus_alpha * noise("start", START_STREAM))
 
@@ -309,7 +288,7 @@ def coser_restore_tiled(nets: CoSeRNetworks, settings: CoSeRSettings, params: di
     # The reference is the code of a zero (mid-gray) image: no reference generation.
     z_ref = nets.vae.apply(vae, jnp.zeros_like(im_lq[:1]), method="encode").mode() * scale
     z_ref = jnp.broadcast_to(z_ref, z_lr.shape)
-    noise = _noise_source(keys, noises, z_lr.shape[1:])
+    noise = noise_source(keys, noises, z_lr.shape[1:])
     x_start = (settings.start_sqrt_alpha * z_lr
                + settings.start_sqrt_one_minus_alpha * noise("start", START_STREAM))
 

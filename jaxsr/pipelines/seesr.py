@@ -160,7 +160,7 @@ def sampling_settings(options: SeeSROptions, alphas_cumprod) -> SamplingSettings
         vae_decoder_tile=options.vae_decoder_tile)
 
 
-def _pad_rows(x: np.ndarray, n: int, axis: int = 0) -> np.ndarray:
+def pad_rows(x: np.ndarray, n: int, axis: int = 0) -> np.ndarray:
     """Repeat the last entry along `axis` until it has n entries."""
     missing = n - x.shape[axis]
     if missing <= 0:
@@ -238,7 +238,7 @@ class SeeSRPipeline:
         size = self.weights.dape[0].swin.img_size
         batch = np.stack([dape_input(im, size) for im in images])
         n = len(images)
-        padded = _pad_rows(batch, -(-n // self.num_devices) * self.num_devices)
+        padded = pad_rows(batch, -(-n // self.num_devices) * self.num_devices)
         embeds, logits = self._dape_fn(self.dape_params, jax.device_put(padded, self._batch))
         tags = hard_prompt(np.asarray(logits)[:n], self.weights.tags, self.weights.thresholds)
         return tags, embeds[:n]
@@ -247,7 +247,7 @@ class SeeSRPipeline:
         """Prompts → text-encoder hidden states [B, 77, D] float32."""
         ids = tokenize(self.tokenizer, list(prompts))
         n = len(prompts)
-        padded = _pad_rows(ids, -(-n // self.num_devices) * self.num_devices)
+        padded = pad_rows(ids, -(-n // self.num_devices) * self.num_devices)
         return self._text_fn(self.text_params, jax.device_put(padded, self._batch))[:n]
 
     # ---------------------------------------------------------------- device step
@@ -281,19 +281,19 @@ class SeeSRPipeline:
                             for im in images]).astype(np.float32) / np.float32(255.0)
         base = jax.random.key(seed)
         keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(
-            jnp.asarray(_pad_rows(np.asarray(ids, np.uint32), m)))
+            jnp.asarray(pad_rows(np.asarray(ids, np.uint32), m)))
         noise_arrays = None
         if noises is not None:
             noise_arrays = {
-                "posterior": jax.device_put(_pad_rows(np.asarray(noises.posterior, np.float32), m),
+                "posterior": jax.device_put(pad_rows(np.asarray(noises.posterior, np.float32), m),
                                             self._batch),
-                "initial": jax.device_put(_pad_rows(np.asarray(noises.initial, np.float32), m),
+                "initial": jax.device_put(pad_rows(np.asarray(noises.initial, np.float32), m),
                                           self._batch),
-                "steps": jax.device_put(_pad_rows(np.asarray(noises.steps, np.float32), m, 1),
+                "steps": jax.device_put(pad_rows(np.asarray(noises.steps, np.float32), m, 1),
                                         self._steps_sharding)}
         out = self._restore_fn(settings)(
             self.params, self._plan(options),
-            jax.device_put(_pad_rows(control, m), self._batch),
+            jax.device_put(pad_rows(control, m), self._batch),
             jax.device_put(text, self._batch),
             jax.device_put(_pad_dev(ram, m), self._batch),
             jax.device_put(keys, self._batch), noise_arrays)

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsr.diffusion.colorfix import color_fix, to_uint8_round, to_uint8_truncate
+from jaxsr.diffusion.noise import noise_source
 from jaxsr.diffusion.samplers import SamplerPlan, sampler_init, sampler_step
 from jaxsr.diffusion.tiled_vae import tiled_decode, tiled_encode
 from jaxsr.diffusion.tiling import maybe_tiled_apply
@@ -62,26 +63,6 @@ class Networks(NamedTuple):
     unet: UNet2DConditionModel
     controlnet: ControlNetModel
     vae: AutoencoderKL
-
-
-def _draw(keys, stream: int, index, shape):
-    """One standard-normal [B, *shape] draw per image from its own key."""
-    def one(key):
-        key = jax.random.fold_in(key, stream)
-        if index is not None:
-            key = jax.random.fold_in(key, index)
-        return jax.random.normal(key, shape, jnp.float32)
-    return jax.vmap(one)(keys)
-
-
-def _noise_source(keys, noises, lat_shape):
-    """noise(name, stream, i=None) -> [B, *lat_shape]: the explicit draw or a fresh one."""
-    def noise(name, stream, i=None):
-        if noises is not None:
-            x = noises[name]
-            return (x[i] if i is not None else x).astype(jnp.float32)
-        return _draw(keys, stream, i, lat_shape)
-    return noise
 
 
 def lr_latent_start(nets: Networks, settings: SamplingSettings, vae_params, control, noise):
@@ -160,7 +141,7 @@ def restore(nets: Networks, settings: SamplingSettings, params, plan: SamplerPla
     """See the module docstring. params: {"unet", "controlnet", "vae"} param trees."""
     b, height, width, _ = control.shape
     lat_shape = (height // 8, width // 8, nets.vae.config.latent_channels)
-    noise = _noise_source(keys, noises, lat_shape)
+    noise = noise_source(keys, noises, lat_shape)
     x = lr_latent_start(nets, settings, params["vae"], control, noise)
     x = denoise(nets, settings, params, plan, x, control, text, ram, noise)
     return decode_and_fix(nets, settings, params["vae"], x, control)

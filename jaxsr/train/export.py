@@ -65,7 +65,7 @@ def export_coser(arch, params: dict, tokenizer, out_folder, *, step: int | None 
     import tempfile
 
     from jaxsr.convert.coser_weights import MODEL
-    from jaxsr.demo import SD2_SCHEDULER_CONFIG
+    from jaxsr.convert.sd2 import SD2_SCHEDULER_CONFIG
 
     params = gather_to_host(params)
     out_folder = Path(out_folder)
