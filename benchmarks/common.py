@@ -28,7 +28,8 @@ def environment() -> dict:
     env = {"python": platform.python_version(), "machine": platform.machine(),
            "cpu_count": os.cpu_count(), "jax": jax.__version__,
            "jax_backend": jax.default_backend(),
-           "devices": [d.device_kind for d in jax.devices()]}
+           "devices": [d.device_kind for d in jax.devices()],
+           "xla_flags": os.environ.get("XLA_FLAGS", "")}
     try:
         import torch
 

@@ -1,11 +1,17 @@
 """SD2-base-size UNet forward on the CPU: jaxsr (jit) vs diffusers (PyTorch), one run.
 
-    python benchmarks/unet_forward_cpu.py [--batch 2] [--latent 64] [--repeats 3]
+    python benchmarks/unet_forward_cpu.py [--batch 2] [--latent 64] [--repeats 5]
 
 Same random weights (diffusers init, converted with jaxsr's loader), same inputs,
-float32 in both. Prints compile time, median seconds per forward after warm-up,
-achieved GFLOP/s (FLOPs from XLA's cost analysis of the compiled forward) and
-the PyTorch/jaxsr time ratio; writes the numbers to benchmarks/results/.
+float32 in both. The two implementations' timed runs alternate (jaxsr, PyTorch,
+jaxsr, ...), so a slow spell of a shared machine falls on both. Also times the
+UNet's heaviest single op on its own: the level-0 self-attention (4096 tokens at
+a 64² latent, 5 heads of 64), jaxsr's "xla" backend against PyTorch's fused
+`scaled_dot_product_attention`. Prints compile time, median seconds after
+warm-up, achieved GFLOP/s (FLOPs from XLA's cost analysis of the compiled
+forward) and the PyTorch/jaxsr time ratio; writes the numbers to
+benchmarks/results/. jaxsr runs with its default XLA flags (jaxsr/platform.py),
+as the `jaxsr` command does.
 """
 
 from __future__ import annotations
@@ -19,14 +25,53 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import environment, print_table, summarize, time_call, write_json  # noqa: E402
+from benchmarks.common import environment, print_table, summarize, write_json  # noqa: E402
+
+
+def alternate(fns: dict, *, warmup: int, repeats: int) -> dict:
+    """Seconds per call of each blocking callable, their runs interleaved."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def attention_times(batch: int, tokens: int, heads: int, repeats: int) -> dict:
+    """Level-0 self-attention alone: jaxsr's backend vs torch SDPA, [B, L, H, 64]."""
+    import jax
+    import torch
+
+    from jaxsr.nn.attention import dot_product_attention
+
+    rng = np.random.default_rng(1)
+    q, k, v = (rng.standard_normal((batch, tokens, heads, 64), dtype=np.float32)
+               for _ in range(3))
+    fn = jax.jit(dot_product_attention)
+    tq, tk, tv = (torch.from_numpy(np.ascontiguousarray(a.transpose(0, 2, 1, 3)))
+                  for a in (q, k, v))
+
+    def torch_attention():
+        with torch.inference_mode():
+            torch.nn.functional.scaled_dot_product_attention(tq, tk, tv)
+
+    times = alternate({"jaxsr": lambda: fn(q, k, v).block_until_ready(),
+                       "torch": torch_attention}, warmup=1, repeats=repeats)
+    flops = 4.0 * batch * heads * tokens * tokens * 64
+    return {name: {**summarize(t), "GFLOP/s": flops / summarize(t)["median_s"] / 1e9}
+            for name, t in times.items()} | {"flops": flops}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--latent", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--attention", default="xla")
     ap.add_argument("--out", default="benchmarks/results/unet_forward_cpu.json")
@@ -60,8 +105,6 @@ def main() -> None:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     flops = float(cost.get("flops", 0.0))
-    jax_times = time_call(lambda: compiled({"params": params}, x, t, ctx).block_until_ready(),
-                          warmup=args.warmup, repeats=args.repeats)
 
     xt, tt, ct = (torch.from_numpy(np.transpose(x, (0, 3, 1, 2)).copy()), torch.from_numpy(t),
                   torch.from_numpy(ctx))
@@ -70,24 +113,30 @@ def main() -> None:
         with torch.inference_mode():
             ref(xt, tt, ct)
 
-    torch_times = time_call(torch_forward, warmup=args.warmup, repeats=args.repeats)
-
-    jax_s, torch_s = summarize(jax_times), summarize(torch_times)
+    times = alternate({"jaxsr": lambda: compiled({"params": params}, x, t, ctx).block_until_ready(),
+                       "torch": torch_forward}, warmup=args.warmup, repeats=args.repeats)
+    jax_s, torch_s = summarize(times["jaxsr"]), summarize(times["torch"])
     rows = [
         {"impl": "jaxsr (jax.jit)", "compile_s": compile_s, "median_s": jax_s["median_s"],
-         "GFLOP/s": flops / jax_s["median_s"] / 1e9},
+         "min_s": jax_s["min_s"], "GFLOP/s": flops / jax_s["median_s"] / 1e9},
         {"impl": "diffusers (torch)", "compile_s": None, "median_s": torch_s["median_s"],
-         "GFLOP/s": flops / torch_s["median_s"] / 1e9},
+         "min_s": torch_s["min_s"], "GFLOP/s": flops / torch_s["median_s"] / 1e9},
     ]
     print(f"\nSD2-base UNet forward, batch {b}, latent {s}x{s}, float32, "
           f"{flops / 1e12:.2f} TFLOP per forward (XLA cost analysis)")
-    print_table(rows, ["impl", "compile_s", "median_s", "GFLOP/s"])
+    print_table(rows, ["impl", "compile_s", "median_s", "min_s", "GFLOP/s"])
     ratio = torch_s["median_s"] / jax_s["median_s"]
     print(f"speed-up of jaxsr over PyTorch: {ratio:.2f}x")
+
+    heads = SD2_BASE_UNET.heads[0]
+    attn = attention_times(b, s * s, heads, args.repeats)
+    print(f"\nlevel-0 self-attention alone ({b}x{s * s} tokens, {heads} heads of 64)")
+    print_table([{"impl": name, **attn[name]} for name in ("jaxsr", "torch")],
+                ["impl", "median_s", "min_s", "GFLOP/s"])
     write_json(args.out, {"benchmark": "unet_forward_cpu", "batch": b, "latent": s,
                           "flops_per_forward": flops, "jaxsr": {**jax_s, "compile_s": compile_s},
                           "torch": torch_s, "torch_over_jaxsr": ratio,
-                          "environment": environment()})
+                          "level0_self_attention": attn, "environment": environment()})
 
 
 if __name__ == "__main__":

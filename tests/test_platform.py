@@ -1,0 +1,74 @@
+"""jaxsr's default XLA:CPU flags (jaxsr/platform.py): they reach XLA in a fresh
+process, keep convolutions out of YNNPACK, and leave the UNet's results at PyTorch
+parity; a user's own setting wins."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from jaxsr import platform
+
+# Runs in a fresh process: XLA reads XLA_FLAGS once, when its backend starts.
+_SCRIPT = r"""
+import json, re
+from jaxsr.platform import configure_xla_defaults
+flags = configure_xla_defaults()
+import diffusers, jax, numpy as np, torch
+from jaxsr.models.unet import UNet2DConditionModel, UNetConfig, load_unet
+from tests.parity import nchw_to_nhwc, nhwc_to_nchw, rel_err, torch_state
+from tests.test_unet import TINY, _inputs, randomize_
+
+torch.manual_seed(0)
+ref = diffusers.UNet2DConditionModel(**TINY).eval()
+randomize_(ref)
+cfg = UNetConfig.from_diffusers_config(dict(ref.config))
+params = {"params": load_unet(torch_state(ref), cfg)}
+# 32x32 latent: 1024 tokens at level 0, so the chunked self-attention runs too.
+x, t, ctx = _inputs(cfg, size=32)
+with torch.no_grad():
+    want = ref(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(ctx)).sample.numpy()
+model = UNet2DConditionModel(cfg)
+compiled = jax.jit(model.apply).lower(params, nchw_to_nhwc(x), t, ctx).compile()
+got = compiled(params, nchw_to_nhwc(x), t, ctx)
+hlo = compiled.as_text()
+ynn = re.findall(r"calls=%([\w.-]+).*__ynn_fusion", hlo)
+bodies = dict(re.findall(r"^%([\w.-]+) .*?\{\n(.*?)\n\}", hlo, re.S | re.M))
+print(json.dumps({
+    "flags": flags, "rel_err": float(rel_err(nhwc_to_nchw(got), want)),
+    "ynn_fusions": len(ynn),
+    "ynn_with_conv": sum("convolution(" in bodies.get(name, "") for name in ynn),
+    "ynn_with_dot": sum(" dot(" in bodies.get(name, "") for name in ynn),
+    "convolutions": hlo.count(" convolution("),
+}))
+"""
+
+
+def test_default_flags_keep_unet_parity_and_convolutions_out_of_ynnpack():
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAXSR_NO_XLA_DEFAULTS")}
+    env["JAX_PLATFORMS"] = "cpu"
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=root, env=env, text=True,
+                          capture_output=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "--xla_cpu_experimental_ynn_fusion_type=individual_dot" in got["flags"]
+    assert got["rel_err"] <= 1e-5, got
+    # YNNPACK still runs the dots; every convolution is XLA's own.
+    assert got["ynn_fusions"] > 0 and got["ynn_with_dot"] == got["ynn_fusions"], got
+    assert got["ynn_with_conv"] == 0 and got["convolutions"] > 0, got
+
+
+def test_a_users_own_flag_wins_and_opt_out(monkeypatch):
+    name = "--xla_cpu_experimental_ynn_fusion_type"
+    monkeypatch.delenv("JAXSR_NO_XLA_DEFAULTS", raising=False)
+    monkeypatch.setenv("XLA_FLAGS", f"--xla_force_host_platform_device_count=2 {name}=")
+    assert platform.configure_xla_defaults().split() == [
+        "--xla_force_host_platform_device_count=2", f"{name}="]
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    assert platform.configure_xla_defaults().split() == [
+        "--xla_force_host_platform_device_count=2", f"{name}=individual_dot"]
+    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.setenv("JAXSR_NO_XLA_DEFAULTS", "1")
+    assert platform.configure_xla_defaults() == ""
