@@ -100,12 +100,10 @@ def test_vae_call_is_decode_of_mode(tiny_vae):
 
 
 def test_vae_bfloat16_error_is_bounded(tiny_vae):
-    """bf16 compute against float32, both ours. On these random weights the decoder
-    lands at about 3 % and the encoder at about 2 %: rounding the weights alone to
-    bf16 (float32 compute) already costs 1-2 % on decode, and the rest grows
-    steadily over the ~30 convs with no single dominant layer. Hence the 5 % bound
-    (above the 2 % the UNet meets), and float32 as the VAE dtype to prefer, as
-    diffusers upcasts SD VAEs (`force_upcast`)."""
+    """bf16 compute against float32, both ours, within the 2 % the UNet and text
+    encoder meet. The VAE rounds only conv/matmul operands to bf16 and keeps the
+    activations between convolutions in float32 (measured: decode 1.4 %, encode
+    1.0 %); rounding the weights alone to bf16 already costs 1.2 % on decode."""
     _, cfg, params = tiny_vae
     z = nchw_to_nhwc(_latent(4))
     dec32 = _apply(cfg, params, z, "decode")
@@ -115,9 +113,10 @@ def test_vae_bfloat16_error_is_bounded(tiny_vae):
     mean32 = _apply(cfg, params, x, "encode").mean
     mean16 = _apply(cfg, params, x, "encode", jnp.bfloat16).mean
     errors = {"decode": rel_err(dec16, dec32), "encode mean": rel_err(mean16, mean32)}
-    assert max(errors.values()) <= 5e-2, errors
-    # bf16 really ran: the outputs differ from float32.
-    assert min(errors.values()) > 1e-4, errors
+    assert max(errors.values()) <= 2e-2, errors
+    # bf16 really ran: the outputs differ from float32 by more than weight rounding
+    # of a single layer would explain.
+    assert min(errors.values()) > 1e-3, errors
 
 
 def test_vae_config_round_trip(tiny_vae):

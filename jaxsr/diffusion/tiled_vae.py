@@ -45,6 +45,11 @@ therefore about reproducing the reference's numbers on large images, not about
 saving memory: our untiled VAE already never forms a quadratic attention
 matrix. (Offloading the arenas to host memory would be the next step if
 memory mattered.)
+
+Precision: tiles compute and store in the VAE's `dtype` throughout, as the
+reference's hook does. Under bfloat16 this therefore does not follow the untiled
+VAE's float32 activations between convolutions (jaxsr.models.vae); the pipelines
+run the VAE in float32, where the two agree.
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ Norms own their `scale`/`bias` directly (no nested module), so a torch
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -54,8 +56,16 @@ class LayerNorm(nn.Module):
 
 
 def conv(features: int, name: str, *, kernel: int = 3, stride: int = 1, padding=1,
-         dtype=jnp.float32, use_bias: bool = True) -> nn.Conv:
-    """torch.nn.Conv2d(…, kernel, stride, padding) on NHWC."""
+         dtype=jnp.float32, use_bias: bool = True, out_dtype=None) -> nn.Conv:
+    """torch.nn.Conv2d(…, kernel, stride, padding) on NHWC.
+
+    Input and kernel are cast to `dtype`; `out_dtype` (e.g. float32 under bfloat16
+    compute) makes the convolution accumulate and return that type instead of
+    rounding its result to `dtype`.
+    """
     pad = padding if isinstance(padding, str) else ((padding, padding), (padding, padding))
+    op = None
+    if out_dtype is not None:
+        op = functools.partial(jax.lax.conv_general_dilated, preferred_element_type=out_dtype)
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=pad,
-                   use_bias=use_bias, dtype=dtype, name=name)
+                   use_bias=use_bias, dtype=dtype, name=name, conv_general_dilated=op)

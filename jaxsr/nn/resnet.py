@@ -13,24 +13,33 @@ class ResnetBlock2D(nn.Module):
     """GN → SiLU → conv → (+ time embedding) → GN → SiLU → conv, plus a (1×1) shortcut.
 
     x: [B, H, W, Cin]; temb: [B, Ct] or None (the VAE has none). Returns [B, H, W, out_channels].
+
+    `dtype` is the convolutions' operand type. `activation_dtype` (default: `dtype`)
+    is the type of everything between them: norm and SiLU outputs, conv results and
+    the residual sum. The VAE keeps those in float32 under bfloat16 compute, so only
+    the conv operands are rounded (see jaxsr.models.vae).
     """
 
     out_channels: int
     groups: int = 32
     eps: float = 1e-5
     dtype: jnp.dtype = jnp.float32
+    activation_dtype: jnp.dtype | None = None
 
     @nn.compact
     def __call__(self, x, temb=None):
-        h = GroupNorm(self.groups, self.eps, self.dtype, name="norm1")(x)
-        h = conv(self.out_channels, "conv1", dtype=self.dtype)(nn.silu(h))
+        act = self.activation_dtype or self.dtype
+        out = None if act == self.dtype else act
+        cv = lambda name, **kw: conv(self.out_channels, name, dtype=self.dtype, out_dtype=out, **kw)
+        h = GroupNorm(self.groups, self.eps, act, name="norm1")(x)
+        h = cv("conv1")(nn.silu(h))
         if temb is not None:
             t = nn.Dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(nn.silu(temb))
             h = h + t[:, None, None, :]
-        h = GroupNorm(self.groups, self.eps, self.dtype, name="norm2")(h)
-        h = conv(self.out_channels, "conv2", dtype=self.dtype)(nn.silu(h))
+        h = GroupNorm(self.groups, self.eps, act, name="norm2")(h)
+        h = cv("conv2")(nn.silu(h))
         if x.shape[-1] != self.out_channels:
-            x = conv(self.out_channels, "conv_shortcut", kernel=1, padding=0, dtype=self.dtype)(x)
+            x = cv("conv_shortcut", kernel=1, padding=0)(x)
         return x + h
 
 
@@ -41,13 +50,15 @@ class Downsample2D(nn.Module):
     out_channels: int
     asymmetric_pad: bool = False
     dtype: jnp.dtype = jnp.float32
+    out_dtype: jnp.dtype | None = None    # see `conv`
 
     @nn.compact
     def __call__(self, x):
+        cv = lambda padding: conv(self.out_channels, "conv", stride=2, padding=padding,
+                                  dtype=self.dtype, out_dtype=self.out_dtype)
         if self.asymmetric_pad:
-            x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-            return conv(self.out_channels, "conv", stride=2, padding=0, dtype=self.dtype)(x)
-        return conv(self.out_channels, "conv", stride=2, padding=1, dtype=self.dtype)(x)
+            return cv(0)(jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0))))
+        return cv(1)(x)
 
 
 def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
@@ -73,6 +84,7 @@ class Upsample2D(nn.Module):
 
     out_channels: int
     dtype: jnp.dtype = jnp.float32
+    out_dtype: jnp.dtype | None = None    # see `conv`
 
     @nn.compact
     def __call__(self, x, output_size: tuple[int, int] | None = None):
@@ -83,4 +95,4 @@ class Upsample2D(nn.Module):
         else:
             x = jnp.take(x, jnp.asarray(nearest_indices(h, oh)), axis=1)
             x = jnp.take(x, jnp.asarray(nearest_indices(w, ow)), axis=2)
-        return conv(self.out_channels, "conv", dtype=self.dtype)(x)
+        return conv(self.out_channels, "conv", dtype=self.dtype, out_dtype=self.out_dtype)(x)
