@@ -14,8 +14,9 @@ chunks (`lax.map`), so the logits never form a [Lq, Lk] tensor per head (4096²
 floats per head at 512 px, 65536² at 2048 px): memory stays bounded everywhere.
 On CPU a step takes `CPU_Q_CHUNK` rows of one (batch, head) pair, whose logits
 fit the last-level cache across the softmax passes; SD's 4096-token
-self-attention then runs at about 1.25x PyTorch's fused CPU kernel's time
-instead of 3x (benchmarks/unet_forward_cpu.py). Elsewhere a step takes `Q_CHUNK`
+self-attention then takes 1.3-1.5x the time of PyTorch's fused CPU kernel, where
+chunks of all heads took 1.8x and unchunked attention 3x
+(benchmarks/unet_forward_cpu.py). Elsewhere a step takes `Q_CHUNK`
 rows of every head, keeping the loop short. Each chunk normalises after the value
 product (one pass less over the logits); the result equals plain softmax
 attention to float32 rounding.
@@ -43,9 +44,12 @@ def _xla_attention(q, k, v, mask, scale):
     return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
 
-def _softmax_block(qc, kt, vt, scale):
-    """One block of unmasked attention. qc [..., n, D]; kt [..., D, Lk]; vt [..., Lk, D]."""
-    s = jnp.matmul(qc, kt, preferred_element_type=jnp.float32) * scale
+def _softmax_block(qc, kt, vt):
+    """One block of unmasked attention, the logit scale already applied to the queries.
+
+    qc [..., n, D]; kt [..., D, Lk]; vt [..., Lk, D] -> [..., n, D].
+    """
+    s = jnp.matmul(qc, kt, preferred_element_type=jnp.float32)
     e = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
     out = jnp.matmul(e.astype(vt.dtype), vt, preferred_element_type=jnp.float32)
     return (out / jnp.sum(e, axis=-1, keepdims=True)).astype(vt.dtype)
@@ -63,24 +67,25 @@ def _chunked_attention(q, k, v, scale, chunk: int, per_head: bool):
     lk = k.shape[1]
     pad = -lq % chunk
     n = (lq + pad) // chunk
+    # Scaling the queries once costs a pass over q instead of one over each chunk's
+    # logits (exact for D = 64, whose scale is 1/8).
+    q = (q * jnp.asarray(scale, jnp.float32)).astype(q.dtype)
     qt = jnp.transpose(jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))), (0, 2, 1, 3))
     kt = jnp.transpose(k, (0, 2, 3, 1))          # [B, H, D, Lk]
     vt = jnp.transpose(v, (0, 2, 1, 3))          # [B, H, Lk, D]
     if per_head:
-        kt, vt = kt.reshape(b * h, d, lk), vt.reshape(b * h, lk, d)
-        pair = jnp.arange(b * h * n, dtype=jnp.int32) // n
+        # Outer loop over (batch, head) pairs, inner over their query chunks: a
+        # pair's K and V are sliced once, not once per chunk.
+        def one_pair(args):                      # [n, chunk, D], [D, Lk], [Lk, D]
+            qp, kp, vp = args
+            return jax.lax.map(lambda qc: _softmax_block(qc, kp, vp), qp)
 
-        def one_chunk(args):                     # [chunk, D], () -> [chunk, D]
-            qc, i = args
-            kc = jax.lax.dynamic_index_in_dim(kt, i, keepdims=False)
-            vc = jax.lax.dynamic_index_in_dim(vt, i, keepdims=False)
-            return _softmax_block(qc, kc, vc, scale)
-
-        out = jax.lax.map(one_chunk, (qt.reshape(b * h * n, chunk, d), pair))
+        out = jax.lax.map(one_pair, (qt.reshape(b * h, n, chunk, d),
+                                     kt.reshape(b * h, d, lk), vt.reshape(b * h, lk, d)))
         out = out.reshape(b, h, n * chunk, d)
     else:
         qt = jnp.moveaxis(qt.reshape(b, h, n, chunk, d), 2, 0)
-        out = jax.lax.map(lambda qc: _softmax_block(qc, kt, vt, scale), qt)
+        out = jax.lax.map(lambda qc: _softmax_block(qc, kt, vt), qt)
         out = jnp.moveaxis(out, 0, 2).reshape(b, h, n * chunk, d)
     return jnp.transpose(out[:, :, :lq], (0, 2, 1, 3))
 
