@@ -1,11 +1,19 @@
 """`jaxsr demo`, the README's first command, in a fresh process as a user runs it:
-random tiny weights in `jaxsr convert`'s format, the built-in pictures, `jaxsr sr`."""
+random tiny weights in `jaxsr convert`'s format, the built-in pictures, `jaxsr sr`.
+
+Slow (about 2 min on 2 cores, mostly compiling): deselected in CI to keep it within
+its time budget. `jaxsr sr` on real files of a converted tiny release runs in the
+default suite (tests/test_cli_sr.py), as does a fresh-process user run of
+`jaxsr quickstart` (tests/test_quickstart.py)."""
 
 import json
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
+
+pytestmark = pytest.mark.slow
 
 
 def test_demo_runs_end_to_end(tmp_path):
