@@ -8,13 +8,13 @@ Parameter paths mirror diffusers' module names (`encoder/down_blocks_0/resnets_1
 `decoder/mid_block/attentions_0/to_q`, ...), so `load_vae` converts a diffusers
 state dict with the generic strict rule of `jaxsr.convert.tree`.
 
-Precision: the module `dtype` is the operand type of the convolutions and the
-attention's matmuls. Everything between the convolutions (norm and SiLU outputs,
-conv results, residual sums) stays float32 (`_ACT`) whatever `dtype` is: under
-bfloat16 that keeps the decoder within 1.4 % of float32 (relative error, tiny
-random weights) where rounding every activation to bfloat16 gave 2.6 %; rounding
-the weights alone costs 1.2 %. The extra float32 traffic is small beside the
-convolutions.
+Precision: the module `dtype` is the operand type of the convolutions and of the
+mid-block attention (which computes in `dtype` inside). Everything between the
+convolutions (norm and SiLU outputs, conv results, residual sums) stays float32
+(`_ACT`) whatever `dtype` is: under bfloat16 that keeps the decoder within 1.4 %
+of float32 (relative error, tiny random weights) where rounding every activation
+to bfloat16 gave 2.6 %; rounding the weights alone costs 1.2 %. The price is
+float32 activation memory and traffic between the layers.
 """
 
 from __future__ import annotations
