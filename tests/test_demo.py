@@ -1,4 +1,4 @@
-"""`jaxsr demo`, the README's first command, in a fresh process as a user runs it:
+"""`jaxsr demo`, the README's inference-only command, in a fresh process as a user runs it:
 random tiny weights in `jaxsr convert`'s format, the built-in pictures, `jaxsr sr`.
 
 Slow (about 2 min on 2 cores, mostly compiling): deselected in CI to keep it within
