@@ -12,13 +12,21 @@ from pathlib import Path
 
 def time_call(fn, *, warmup: int, repeats: int) -> list[float]:
     """Seconds per call of `fn` (which must block until its result is ready)."""
-    for _ in range(warmup):
-        fn()
-    times = []
+    return time_alternating({"fn": fn}, warmup=warmup, repeats=repeats)["fn"]
+
+
+def time_alternating(fns: dict, *, warmup: int, repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each blocking callable, their timed runs interleaved
+    (a, b, a, b, ...), so a slow spell of a shared machine falls on all of them."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
     return times
 
 

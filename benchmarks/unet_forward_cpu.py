@@ -27,21 +27,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import environment, print_table, summarize, write_json  # noqa: E402
-
-
-def alternate(fns: dict, *, warmup: int, repeats: int) -> dict:
-    """Seconds per call of each blocking callable, their runs interleaved."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return times
+from benchmarks.common import (  # noqa: E402
+    environment,
+    print_table,
+    summarize,
+    time_alternating,
+    write_json,
+)
 
 
 def attention_times(batch: int, tokens: int, heads: int, repeats: int) -> dict:
@@ -62,11 +54,12 @@ def attention_times(batch: int, tokens: int, heads: int, repeats: int) -> dict:
         with torch.inference_mode():
             torch.nn.functional.scaled_dot_product_attention(tq, tk, tv)
 
-    times = alternate({"jaxsr": lambda: fn(q, k, v).block_until_ready(),
-                       "torch": torch_attention}, warmup=1, repeats=repeats)
+    times = time_alternating({"jaxsr": lambda: fn(q, k, v).block_until_ready(),
+                              "torch": torch_attention}, warmup=1, repeats=repeats)
     flops = 4.0 * batch * heads * tokens * tokens * 64
-    return {name: {**summarize(t), "GFLOP/s": flops / summarize(t)["median_s"] / 1e9}
-            for name, t in times.items()} | {"flops": flops}
+    stats = {name: summarize(t) for name, t in times.items()}
+    return {name: {**st, "GFLOP/s": flops / st["median_s"] / 1e9}
+            for name, st in stats.items()} | {"flops": flops}
 
 
 def main() -> None:
@@ -115,8 +108,11 @@ def main() -> None:
         with torch.inference_mode():
             ref(xt, tt, ct)
 
-    times = alternate({"jaxsr": lambda: compiled({"params": params}, x, t, ctx).block_until_ready(),
-                       "torch": torch_forward}, warmup=args.warmup, repeats=args.repeats)
+    def jaxsr_forward():
+        compiled({"params": params}, x, t, ctx).block_until_ready()
+
+    times = time_alternating({"jaxsr": jaxsr_forward, "torch": torch_forward},
+                             warmup=args.warmup, repeats=args.repeats)
     jax_s, torch_s = summarize(times["jaxsr"]), summarize(times["torch"])
     rows = [
         {"impl": "jaxsr (jax.jit)", "compile_s": compile_s, "median_s": jax_s["median_s"],
