@@ -47,15 +47,38 @@ def test_backend_resolution():
         attention.resolve_backend("flash9", 10)
 
 
-@pytest.mark.parametrize("per_head", [True, False])
-def test_both_chunk_layouts_match_numpy(per_head):
-    """The per-(batch, head) chunks the CPU takes and the all-heads chunks other
-    platforms take; 300 query rows are not a multiple of the chunk, so the padding
-    rows are cut off again."""
+@pytest.mark.parametrize("per_head,chunk", [(True, 128), (False, 128), (False, 300)])
+def test_block_layouts_match_numpy(per_head, chunk):
+    """Per-(batch, head) chunks (CPU), all-heads chunks (accelerators) and one block
+    of all heads; 300 query rows are not a multiple of 128, so the padding rows are
+    cut off again."""
     rng = np.random.default_rng(7)
     q = rng.standard_normal((2, 300, 3, 16)).astype(np.float32)
     k, v = (rng.standard_normal((2, 200, 3, 16)).astype(np.float32) for _ in range(2))
-    out = jax.jit(attention._chunked_attention, static_argnums=(3, 4, 5))(
-        q, k, v, 0.25, 128, per_head)
+    out = jax.jit(attention._blocked_attention, static_argnums=(3, 4, 5))(
+        q, k, v, 0.25, chunk, per_head)
     assert out.shape == q.shape
     assert rel_err(out, numpy_attention(q, k, v)) <= 1e-5
+
+
+@pytest.mark.parametrize("on_cpu", [True, False])
+@pytest.mark.parametrize("b,h,lq,lk", [(2, 5, 4096, 4096), (2, 5, 4096, 77), (2, 10, 1024, 1024),
+                                       (2, 20, 256, 256), (1, 5, 65536, 77), (2, 5, 4100, 4096)])
+def test_attention_plan_bounds_the_logits(b, h, lq, lk, on_cpu):
+    """Small logits go in one block; larger ones in steps that hold at most the step
+    budget (per (batch, head) pair on the CPU, all heads elsewhere, where a step takes
+    at least Q_CHUNK rows), with fewer than 8 padding rows a step."""
+    per_head, chunk = attention.attention_plan(b, h, lq, lk, on_cpu)
+    if b * h * lq * lk <= attention.MAX_BLOCK_LOGITS:
+        assert (per_head, chunk) == (False, lq)
+        return
+    steps = -(-lq // chunk)
+    assert per_head == on_cpu
+    assert steps > 1 or per_head      # one step per pair still loops over the pairs
+    assert chunk == lq or (chunk % 8 == 0 and steps * chunk - lq < 8 * steps)
+    if on_cpu:
+        assert chunk * lk <= attention.CPU_STEP_LOGITS
+    else:
+        assert chunk >= min(attention.Q_CHUNK, lq)
+        assert chunk * b * h * lk <= max(attention.MAX_BLOCK_LOGITS,
+                                         attention.Q_CHUNK * b * h * lk)

@@ -9,17 +9,21 @@ Backends (the `attention` config string):
 Short key sequences (77 text tokens, 145 DAPE tokens) gain nothing from flash
 kernels, so "auto" and "cudnn" fall back to "xla" below `MIN_FLASH_KV_LEN`.
 
-The "xla" backend processes long query sequences (>= `MIN_CHUNKED_Q_LEN`) in
-chunks (`lax.map`), so the logits never form a [Lq, Lk] tensor per head (4096²
-floats per head at 512 px, 65536² at 2048 px): memory stays bounded everywhere.
-On CPU a step takes `CPU_Q_CHUNK` rows of one (batch, head) pair, whose logits
-fit the last-level cache across the softmax passes; SD's 4096-token
-self-attention then takes 1.3-1.5x the time of PyTorch's fused CPU kernel, where
+The "xla" backend computes unmasked attention in blocks shaped by the size of
+the logits (`attention_plan`). Up to `MAX_BLOCK_LOGITS` logits in all (16 MB in
+float32; at 512 px and batch 2, every cross-attention with 77 text tokens and the
+self-attention of the 16² and 8² levels) it takes one block of all heads, no
+loop. Above that it loops over query chunks (`lax.map`), so the logits never form
+a [Lq, Lk] tensor per head (4096² floats per head at 512 px, 65536² at 2048 px)
+and memory stays bounded everywhere. On CPU a step takes the query rows of one
+(batch, head) pair whose logits fill `CPU_STEP_LOGITS` (256 rows at 4096 keys),
+which stay in the last-level cache across the softmax passes; SD's 4096-token
+self-attention then takes 1.2-1.5x the time of PyTorch's fused CPU kernel, where
 chunks of all heads took 1.8x and unchunked attention 3x
-(benchmarks/unet_forward_cpu.py). Elsewhere a step takes `Q_CHUNK`
-rows of every head, keeping the loop short. Each chunk normalises after the value
-product (one pass less over the logits); the result equals plain softmax
-attention to float32 rounding.
+(benchmarks/unet_forward_cpu.py). Elsewhere a step takes at least `Q_CHUNK` rows
+of every head, keeping the loop short. Every block scales the queries instead of
+the logits and normalises after the value product (one pass less over the logits
+each); the result equals plain softmax attention to float32 rounding.
 """
 
 from __future__ import annotations
@@ -28,11 +32,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxsr.nn.chunks import balanced_chunk
+
 BACKENDS = ("auto", "xla", "dpa", "cudnn")
 MIN_FLASH_KV_LEN = 256
 Q_CHUNK = 128
-CPU_Q_CHUNK = 256
-MIN_CHUNKED_Q_LEN = 1024
+MAX_BLOCK_LOGITS = 1 << 22
+CPU_STEP_LOGITS = 1 << 20
 
 
 def _xla_attention(q, k, v, mask, scale):
@@ -55,19 +61,33 @@ def _softmax_block(qc, kt, vt):
     return (out / jnp.sum(e, axis=-1, keepdims=True)).astype(vt.dtype)
 
 
-def _chunked_attention(q, k, v, scale, chunk: int, per_head: bool):
-    """Unmasked attention over query chunks. q [B, Lq, H, D]; k, v [B, Lk, H, D].
+def attention_plan(b: int, h: int, lq: int, lk: int, on_cpu: bool) -> tuple[bool, int]:
+    """(per_head, chunk): how `_blocked_attention` splits [B, H, Lq, Lk] logits.
+
+    chunk == lq with per_head False is one block of all heads, no loop.
+    """
+    if b * h * lq * lk <= MAX_BLOCK_LOGITS:
+        return False, lq
+    if on_cpu:
+        return True, balanced_chunk(lq, CPU_STEP_LOGITS // lk)
+    return False, balanced_chunk(lq, max(Q_CHUNK, MAX_BLOCK_LOGITS // (b * h * lk)))
+
+
+def _blocked_attention(q, k, v, scale, chunk: int, per_head: bool):
+    """Unmasked attention in query chunks. q [B, Lq, H, D]; k, v [B, Lk, H, D].
 
     per_head=False: a step takes `chunk` query rows of every head ([B, H, chunk, Lk]
-    logits). per_head=True: a step takes `chunk` rows of one (batch, head) pair, so
-    its [chunk, Lk] logits stay in the CPU's cache between the max, exp, sum and
-    value passes (4 MB at chunk 256, Lk 4096) instead of going to memory.
+    logits); chunk >= Lq is a single step without a loop. per_head=True: a step takes
+    `chunk` rows of one (batch, head) pair, so its [chunk, Lk] logits stay in the
+    CPU's cache between the max, exp, sum and value passes (4 MB at chunk 256, Lk
+    4096) instead of going to memory.
     """
     b, lq, h, d = q.shape
     lk = k.shape[1]
+    chunk = min(chunk, lq)
     pad = -lq % chunk
     n = (lq + pad) // chunk
-    # Scaling the queries once costs a pass over q instead of one over each chunk's
+    # Scaling the queries once costs a pass over q instead of one over each block's
     # logits (exact for D = 64, whose scale is 1/8).
     q = (q * jnp.asarray(scale, jnp.float32)).astype(q.dtype)
     qt = jnp.transpose(jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))), (0, 2, 1, 3))
@@ -83,6 +103,8 @@ def _chunked_attention(q, k, v, scale, chunk: int, per_head: bool):
         out = jax.lax.map(one_pair, (qt.reshape(b * h, n, chunk, d),
                                      kt.reshape(b * h, d, lk), vt.reshape(b * h, lk, d)))
         out = out.reshape(b, h, n * chunk, d)
+    elif n == 1:
+        out = _softmax_block(qt, kt, vt)
     else:
         qt = jnp.moveaxis(qt.reshape(b, h, n, chunk, d), 2, 0)
         out = jax.lax.map(lambda qc: _softmax_block(qc, kt, vt), qt)
@@ -116,10 +138,11 @@ def dot_product_attention(q, k, v, *, mask=None, backend: str = "xla", scale=Non
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     impl = resolve_backend(backend, k.shape[1])
     if impl == "xla":
-        if mask is None and q.shape[1] >= MIN_CHUNKED_Q_LEN:
-            on_cpu = jax.default_backend() == "cpu"
-            return _chunked_attention(q, k, v, scale, CPU_Q_CHUNK if on_cpu else Q_CHUNK,
-                                      per_head=on_cpu)
+        if mask is None:
+            b, lq, h, _ = q.shape
+            per_head, chunk = attention_plan(b, h, lq, k.shape[1],
+                                             jax.default_backend() == "cpu")
+            return _blocked_attention(q, k, v, scale, chunk, per_head)
         return _xla_attention(q, k, v, mask, scale)
     return jax.nn.dot_product_attention(
         q, k, v, mask=mask, scale=scale,

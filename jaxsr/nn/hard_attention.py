@@ -13,8 +13,8 @@ Two selections, both on logits s_ij = q_i·k_j · scale per head:
               most relevant reference token; the backward lets every key learn how it
               ranks, which the plain argmax cannot.
 
-Long query sequences run in chunks of `Q_CHUNK` rows (`lax.map`), as the softmax
-backend in jaxsr.nn.attention does, so the [chunk, Lk] logits stay small: CoSeR's
+Query sequences of `MIN_CHUNKED_Q_LEN` tokens or more run in chunks of `Q_CHUNK`
+rows of every head (`lax.map`), so the [chunk, Lk] logits stay small: CoSeR's
 64×64-token reference attention would otherwise hold 4096² logits per head.
 """
 
@@ -23,7 +23,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxsr.nn.attention import MIN_CHUNKED_Q_LEN, Q_CHUNK
+from jaxsr.nn.attention import Q_CHUNK
+
+MIN_CHUNKED_Q_LEN = 1024
 
 SELECTIONS = ("released", "paper")
 
