@@ -59,7 +59,6 @@ the levels whose features CFW reads), so the program total is printed as well.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import math
 import statistics
@@ -74,10 +73,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
     environment,
+    has_chunk_loops,
     measure_peak,
     print_table,
     random_params,
     time_call,
+    unchunked,
     write_json,
     xla_flops,
 )
@@ -238,25 +239,6 @@ def make_programs(nets, settings, params, sz: Sizes, batch: int, steps: int, see
                  z_ref, positive, negative, key))
 
 
-@contextlib.contextmanager
-def whole_attention():
-    """Trace attention (softmax, and the argmax reference attention of the AiA UNet) in
-    one piece instead of jaxsr's query-chunk `lax.map`: the same FLOPs, but a loop
-    would hide all but one chunk from XLA's cost analysis. Each module reads its own
-    module-level threshold at trace time, so both are raised while tracing."""
-    from jaxsr.nn import attention, hard_attention
-
-    modules = [m for m in (attention, hard_attention) if hasattr(m, "MIN_CHUNKED_Q_LEN")]
-    saved = [m.MIN_CHUNKED_Q_LEN for m in modules]
-    for m in modules:
-        m.MIN_CHUNKED_Q_LEN = sys.maxsize
-    try:
-        yield
-    finally:
-        for m, value in zip(modules, saved):
-            m.MIN_CHUNKED_Q_LEN = value
-
-
 def compile_timed(fn, args, options=None):
     """(compiled, seconds to lower + compile)."""
     import jax
@@ -323,7 +305,7 @@ def analytic_flops(fn, *args) -> dict:
     after dead-code elimination."""
     import jax
 
-    with whole_attention():
+    with unchunked():
         jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
     try:
         # Tracing keeps work whose results are dropped (e.g. the encoder tail behind
@@ -460,11 +442,9 @@ def main() -> None:
     settings = CoSeRSettings()
     b = args.batch
 
-    # The timed program can double as the counted one when it has no attention loop
-    # or custom call: einsum attention everywhere and latents below the chunk length.
-    lat = sz.lr_side * UPSCALE // 2 ** (len(sz.vae.block_out_channels) - 1)
-    timed_is_countable = (attention_module.resolve_backend(args.attention, 1 << 20) == "xla"
-                          and lat * lat < attention_module.MIN_CHUNKED_Q_LEN)
+    # The timed program can double as the counted one when it has no custom call
+    # ("xla" attention everywhere) and none of jaxsr's row-chunk loops (checked below).
+    timed_is_countable = attention_module.resolve_backend(args.attention, 1 << 20) == "xla"
 
     shapes = param_shapes(sz, use_cfw)
     n_params = {k: int(sum(math.prod(x.shape) for x in jax.tree.leaves(v)))
@@ -483,6 +463,8 @@ def main() -> None:
         params = jax.device_put({k: random_params(v, seed)
                                  for seed, (k, v) in enumerate(shapes.items())})
         progs = make_programs(timed_nets, settings, params, sz, b, steps)
+        timed_is_countable = (timed_is_countable
+                              and not has_chunk_loops(progs.full, *progs.full_args))
         print("compiling the whole program ...", flush=True)
         compiled["full"], compile_s = compile_timed(progs.full, progs.full_args)
         print(f"  {compile_s:.1f} s", flush=True)
@@ -512,7 +494,7 @@ def main() -> None:
             xla[name] = xla_flops(compiled[name])
             continue
         print(f"compiling the {name} program for XLA's cost analysis ...", flush=True)
-        with whole_attention():
+        with unchunked():
             c, c_s = compile_timed(getattr(abstract, name), getattr(abstract, f"{name}_args"),
                                    options)
         print(f"  {c_s:.1f} s", flush=True)

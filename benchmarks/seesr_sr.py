@@ -40,6 +40,7 @@ from benchmarks.common import (  # noqa: E402
     measure_peak,
     print_table,
     random_params,
+    unchunked,
     write_json,
 )
 
@@ -48,8 +49,9 @@ SD2_SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "sca
                  "set_alpha_to_one": False, "prediction_type": "epsilon"}
 
 
-def flops_of(compiled) -> float:
-    cost = compiled.cost_analysis()
+def flops_of(program) -> float:
+    """The "flops" of XLA's cost analysis of a lowered or compiled program."""
+    cost = program.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     return float(cost.get("flops", 0.0))
 
@@ -157,12 +159,14 @@ def main() -> None:
             t_1 = _timed(run, plan_1)
         per_step = (t_n - t_1) / (steps - 1) if steps > 1 else None
 
-        # FLOPs of one guided ControlNet+UNet evaluation (the loop body's networks).
+        # FLOPs of one guided ControlNet+UNet evaluation (the loop body's networks),
+        # traced without jaxsr's row-chunk loops, whose bodies XLA would count once.
         step_fn = jax.jit(lambda p, x, c, tx, r: guided_eps(nets, settings, p, jnp.int32(500),
                                                           x, c, tx, r))
         x0 = jnp.zeros((b, lat, lat, 4), jnp.float32)
-        step_flops = flops_of(step_fn.lower(params, x0, control, text0.reshape(2 * b, 77, -1),
-                                            ram0).compile())
+        with unchunked():
+            step_flops = flops_of(step_fn.lower(params, x0, control,
+                                                text0.reshape(2 * b, 77, -1), ram0))
         at50 = t_n + (50 - steps) * per_step if per_step is not None else None
         row = {"batch": b, "steps_run": steps, "compile_s": compile_s,
                "s_per_image": t_n / b, "s_per_step": per_step,
