@@ -129,7 +129,7 @@ def unchunked():
 
     from jaxsr.nn import attention, hard_attention, transformer
 
-    knobs = [(attention, "MAX_BLOCK_LOGITS"), (hard_attention, "MIN_CHUNKED_Q_LEN"),
+    knobs = [(attention, "MAX_ITEM_LOGITS"), (hard_attention, "MIN_CHUNKED_Q_LEN"),
              (transformer, "CPU_FF_STEP_FLOATS")]
     saved = [getattr(m, name) for m, name in knobs]
     jax.clear_caches()

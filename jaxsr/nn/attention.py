@@ -10,10 +10,11 @@ Short key sequences (77 text tokens, 145 DAPE tokens) gain nothing from flash
 kernels, so "auto" and "cudnn" fall back to "xla" below `MIN_FLASH_KV_LEN`.
 
 The "xla" backend computes unmasked attention in blocks shaped by the size of
-the logits (`attention_plan`). Up to `MAX_BLOCK_LOGITS` logits in all (16 MB in
-float32; at 512 px and batch 2, every cross-attention with 77 text tokens and the
+the logits (`attention_plan`). Up to `MAX_ITEM_LOGITS` logits per batch item (8 MB
+in float32; at 512 px every cross-attention with 77 text tokens and the
 self-attention of the 16² and 8² levels) it takes one block of all heads, no
-loop. Above that it loops over query chunks (`lax.map`), so the logits never form
+loop. The plan does not depend on the batch size, so an image's result does not
+either. Above that it loops over query chunks (`lax.map`), so the logits never form
 a [Lq, Lk] tensor per head (4096² floats per head at 512 px, 65536² at 2048 px)
 and memory stays bounded everywhere. On CPU a step takes the query rows of one
 (batch, head) pair whose logits fill `CPU_STEP_LOGITS` (256 rows at 4096 keys),
@@ -37,7 +38,7 @@ from jaxsr.nn.chunks import balanced_chunk
 BACKENDS = ("auto", "xla", "dpa", "cudnn")
 MIN_FLASH_KV_LEN = 256
 Q_CHUNK = 128
-MAX_BLOCK_LOGITS = 1 << 22
+MAX_ITEM_LOGITS = 1 << 21
 CPU_STEP_LOGITS = 1 << 20
 
 
@@ -61,16 +62,17 @@ def _softmax_block(qc, kt, vt):
     return (out / jnp.sum(e, axis=-1, keepdims=True)).astype(vt.dtype)
 
 
-def attention_plan(b: int, h: int, lq: int, lk: int, on_cpu: bool) -> tuple[bool, int]:
-    """(per_head, chunk): how `_blocked_attention` splits [B, H, Lq, Lk] logits.
+def attention_plan(h: int, lq: int, lk: int, on_cpu: bool) -> tuple[bool, int]:
+    """(per_head, chunk): how `_blocked_attention` splits [B, H, Lq, Lk] logits, the
+    same for every batch size B.
 
     chunk == lq with per_head False is one block of all heads, no loop.
     """
-    if b * h * lq * lk <= MAX_BLOCK_LOGITS:
+    if h * lq * lk <= MAX_ITEM_LOGITS:
         return False, lq
     if on_cpu:
         return True, balanced_chunk(lq, CPU_STEP_LOGITS // lk)
-    return False, balanced_chunk(lq, max(Q_CHUNK, MAX_BLOCK_LOGITS // (b * h * lk)))
+    return False, balanced_chunk(lq, max(Q_CHUNK, MAX_ITEM_LOGITS // (h * lk)))
 
 
 def _blocked_attention(q, k, v, scale, chunk: int, per_head: bool):
@@ -139,9 +141,8 @@ def dot_product_attention(q, k, v, *, mask=None, backend: str = "xla", scale=Non
     impl = resolve_backend(backend, k.shape[1])
     if impl == "xla":
         if mask is None:
-            b, lq, h, _ = q.shape
-            per_head, chunk = attention_plan(b, h, lq, k.shape[1],
-                                             jax.default_backend() == "cpu")
+            _, lq, h, _ = q.shape
+            per_head, chunk = attention_plan(h, lq, k.shape[1], jax.default_backend() == "cpu")
             return _blocked_attention(q, k, v, scale, chunk, per_head)
         return _xla_attention(q, k, v, mask, scale)
     return jax.nn.dot_product_attention(

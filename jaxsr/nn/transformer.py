@@ -14,11 +14,13 @@ from jaxsr.nn.attention import Attention
 from jaxsr.nn.chunks import balanced_chunk, map_row_chunks
 from jaxsr.nn.layers import GroupNorm, LayerNorm
 
-# Feed-forward hidden floats per `lax.map` step on the CPU ([B, rows, 8C] after
-# net_0/proj, 16 MB in float32): the SD2 UNet's feed-forward at 512 px ran 1.25-1.5x
-# faster in such steps than in one piece, whose [B, L, 8C] hidden tensor (84 MB at
-# the 64² level) goes through memory between the projection, the GELU and net_2.
-CPU_FF_STEP_FLOATS = 1 << 22
+# Feed-forward hidden floats per batch item and `lax.map` step on the CPU ([rows, 8C]
+# after net_0/proj, 8 MB in float32; per item, so the steps and an image's result do
+# not depend on the batch size): the SD2 UNet's feed-forward at 512 px, batch 2, ran
+# 1.25-1.5x faster in such steps than in one piece, whose [B, L, 8C] hidden tensor
+# (84 MB at the 64² level) goes through memory between the projection, the GELU and
+# net_2.
+CPU_FF_STEP_FLOATS = 1 << 21
 
 
 def geglu_feed_forward(x, w_in, b_in, w_out, b_out, dtype):
@@ -67,14 +69,14 @@ class GEGLUFeedForward(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        b, length, c = x.shape
+        _, length, c = x.shape
         inner = c * self.mult
         w_in, b_in = _GEGLUParams(2 * inner, name="net_0")(c)
         w_out, b_out = _DenseParams(c, name="net_2")(inner)
         ff = lambda rows: geglu_feed_forward(rows, w_in, b_in, w_out, b_out, self.dtype)
         if jax.default_backend() != "cpu":
             return ff(x)
-        return map_row_chunks(ff, x, balanced_chunk(length, CPU_FF_STEP_FLOATS // (b * 2 * inner)))
+        return map_row_chunks(ff, x, balanced_chunk(length, CPU_FF_STEP_FLOATS // (2 * inner)))
 
 
 class BasicTransformerBlock(nn.Module):
