@@ -91,14 +91,18 @@ def test_folder_with_good_and_bad_files(env, capsys):
 
     assert any((root / "xla-cache").iterdir())      # the sampling program was cached
 
-    # The same seed, batch 1 instead of 2, and only the good files: identical bytes
+    # The same seed, batch 1 instead of 2, and only the good files: the same images
     # (an input's noise depends on the seed and its name, not on the other inputs).
+    # Not always the same bytes: XLA:CPU may tile a batch-2 convolution differently
+    # from a batch-1 one on some CPUs, which moves float32 rounding by a few ulps.
     again = root / "again"
     assert sr(root, *(inputs / n for n in GOOD), "--output", again, "--batch-size", "1",
               "--seed", "1") == 0
     assert "written 6, skipped 0, failed 0" in capsys.readouterr().out
     for p in out.iterdir():
-        assert (again / p.name).read_bytes() == p.read_bytes(), p.name
+        a, b = (np.asarray(Image.open(d / p.name)).astype(np.int16) for d in (out, again))
+        diff, psnr = np.abs(a - b).max(), psnr_uint8(a, b)
+        assert diff <= 1 and psnr >= 60, (p.name, diff, psnr)
 
     # --overwrite redoes a finished file, here with another seed: a different result.
     before = (out / "photo.png").read_bytes()
