@@ -9,9 +9,9 @@ is also given as the median of the per-pair ratios. Also times the
 UNet's heaviest single op on its own: the level-0 self-attention (4096 tokens at
 a 64² latent, 5 heads of 64), jaxsr's "xla" backend against PyTorch's fused
 `scaled_dot_product_attention`. Prints compile time, median seconds after
-warm-up, achieved GFLOP/s (FLOPs from XLA's cost analysis of the forward
-traced without jaxsr's row-chunk loops) and the PyTorch/jaxsr time ratio; writes the numbers to
-benchmarks/results/. jaxsr runs with its default XLA flags (jaxsr/platform.py),
+warm-up, achieved GFLOP/s (FLOPs from XLA's cost analysis of the forward traced
+without jaxsr's row-chunk loops) and the PyTorch/jaxsr time ratio; writes the
+numbers to benchmarks/results/. jaxsr runs with its default XLA flags (jaxsr/platform.py),
 as the `jaxsr` command does.
 """
 
