@@ -94,7 +94,9 @@ def test_folder_with_good_and_bad_files(env, capsys):
     # The same seed, batch 1 instead of 2, and only the good files: the same images
     # (an input's noise depends on the seed and its name, not on the other inputs).
     # Not always the same bytes: XLA:CPU may tile a batch-2 convolution differently
-    # from a batch-1 one on some CPUs, which moves float32 rounding by a few ulps.
+    # from a batch-1 one on some CPUs, which moves float32 rounding by a few ulps and,
+    # through 20 sampling steps, a few pixels by 1-2 grey levels (72 dB measured);
+    # another seed gives a different image altogether.
     again = root / "again"
     assert sr(root, *(inputs / n for n in GOOD), "--output", again, "--batch-size", "1",
               "--seed", "1") == 0
@@ -102,7 +104,7 @@ def test_folder_with_good_and_bad_files(env, capsys):
     for p in out.iterdir():
         a, b = (np.asarray(Image.open(d / p.name)).astype(np.int16) for d in (out, again))
         diff, psnr = np.abs(a - b).max(), psnr_uint8(a, b)
-        assert diff <= 1 and psnr >= 60, (p.name, diff, psnr)
+        assert diff <= 4 and psnr >= 60, (p.name, diff, psnr)
 
     # --overwrite redoes a finished file, here with another seed: a different result.
     before = (out / "photo.png").read_bytes()
