@@ -19,13 +19,20 @@ import diffusers, jax, numpy as np, torch
 from jaxsr.models.unet import UNet2DConditionModel, UNetConfig, load_unet
 from tests.parity import nchw_to_nhwc, nhwc_to_nchw, rel_err, torch_state
 from tests.test_unet import TINY, _inputs, randomize_
+from jaxsr.nn import attention, transformer
+
+# Step budgets small enough that the tiny UNet takes the CPU's row-chunk loops (per
+# (batch, head) attention chunks of 256 rows, feed-forward steps of 256 rows), which
+# jaxsr's defaults reserve for larger maps.
+attention.MAX_ITEM_LOGITS = attention.CPU_STEP_LOGITS = 1 << 18
+transformer.CPU_FF_STEP_FLOATS = 1 << 15
 
 torch.manual_seed(0)
 ref = diffusers.UNet2DConditionModel(**TINY).eval()
 randomize_(ref)
 cfg = UNetConfig.from_diffusers_config(dict(ref.config))
 params = {"params": load_unet(torch_state(ref), cfg)}
-# 32x32 latent: 1024 tokens at level 0, so the chunked self-attention runs too.
+# 32x32 latent: 1024 tokens at level 0, which the budgets above split into steps.
 x, t, ctx = _inputs(cfg, size=32)
 with torch.no_grad():
     want = ref(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(ctx)).sample.numpy()
@@ -41,6 +48,7 @@ print(json.dumps({
     "ynn_with_conv": sum("convolution(" in bodies.get(name, "") for name in ynn),
     "ynn_with_dot": sum(" dot(" in bodies.get(name, "") for name in ynn),
     "convolutions": hlo.count(" convolution("),
+    "loops": hlo.count(" while("),
 }))
 """
 
@@ -58,6 +66,7 @@ def test_default_flags_keep_unet_parity_and_convolutions_out_of_ynnpack():
     # YNNPACK still runs the dots; every convolution is XLA's own.
     assert got["ynn_fusions"] > 0 and got["ynn_with_dot"] == got["ynn_fusions"], got
     assert got["ynn_with_conv"] == 0 and got["convolutions"] > 0, got
+    assert got["loops"] > 0, got          # the row-chunk paths were the ones compared
 
 
 def test_a_users_own_flag_wins_and_opt_out(monkeypatch):

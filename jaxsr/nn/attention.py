@@ -2,7 +2,7 @@
 `Attention` layer (to_q / to_k / to_v / to_out_0) built on it.
 
 Backends (the `attention` config string):
-  "xla"   einsum attention; logits and softmax in float32, works everywhere.
+  "xla"   matmul-softmax-matmul in XLA ops; logits and softmax in float32, works everywhere.
   "dpa"   `jax.nn.dot_product_attention` (lets XLA pick; cuDNN flash on GPU).
   "cudnn" `jax.nn.dot_product_attention(implementation="cudnn")`; GPU only.
   "auto"  "cudnn" on GPU for long key sequences, "xla" otherwise.
