@@ -15,7 +15,7 @@ from jaxsr.pipelines.coser import CoSeROptions, CoSeRPipeline, patch_starts
 from jaxsr.pipelines.coser_sampling import draw_noises
 from tests import coser_sampling_reference as ref
 from tests.coser_release import ARCH, write_tiny_coser_release
-from tests.parity import nhwc_to_nchw
+from tests.parity import nhwc_to_nchw, psnr_uint8
 
 STEPS, SEED = 3, 11
 # LR 20×12: s = 64/12 = 5.33 -> 106×64, padded to 128×64 -> patches of 96×64 at rows
@@ -51,6 +51,52 @@ def test_options_are_checked_and_modes_picked():
     auto = CoSeROptions()
     assert auto.pick_mode(128, 128) == "reference"        # 512² output: CoSeR's size
     assert auto.pick_mode(128, 129) == "tiled"
+
+
+def _psnr_and_levels(a, b):
+    """(PSNR in dB, largest difference, number of values that differ) of two uint8 images."""
+    diff = np.abs(a.astype(int) - b.astype(int))
+    return psnr_uint8(a, b), int(diff.max()), int(np.count_nonzero(diff))
+
+
+@pytest.mark.slow       # two sampling programs (drawn and injected noises): 142 s on 2 cores
+def test_ids_and_injected_noises_replay_through_upscale(release):
+    """`upscale(noises=...)` with the draws `draw_noises` makes from fold_in(key(seed), id)
+    gives the `upscale(ids=...)` result; by default every image draws from key(seed)
+    (the scripts reseed per image); other injected draws change only their image."""
+    folder, _ = release
+    pipe = CoSeRPipeline.from_pretrained(folder, dtype="float32", devices=jax.devices()[:1])
+    options = CoSeROptions(steps=2, mode="reference", decoder="vae")
+    images = list(np.random.default_rng(4).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8))
+    shape = pipe.noise_shape(images[0], options)
+    assert shape == (8, 8, 4)                           # 64² output, VAE factor 8
+
+    by_ids = pipe.upscale(images, options=options, seed=SEED, ids=[3, 7])
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(SEED), i))(np.array([3, 7]))
+    noises = jax.device_get(draw_noises(keys, options.steps, shape))
+    replay = pipe.upscale(images, options=options, seed=0, noises=noises)   # seed unused
+    default = pipe.upscale(images, options=options, seed=SEED)
+    same_keys = jax.vmap(lambda _: jax.random.key(SEED))(np.arange(2))
+    replay_default = pipe.upscale(images, options=options,
+                                  noises=jax.device_get(draw_noises(same_keys, 2, shape)))
+    other = {**noises, "start": noises["start"].copy()}
+    other["start"][1] = np.random.default_rng(0).standard_normal(shape)
+    changed = pipe.upscale(images, options=options, noises=other)
+
+    for k in range(2):
+        # Two programs (draws made inside vs given): equal within XLA:CPU's rounding.
+        for got, want, what in ((replay[k], by_ids[k], "ids"),
+                                (replay_default[k], default[k], "default")):
+            psnr, levels, count = _psnr_and_levels(got, want)
+            print(f"image {k}, {what}: injected vs drawn PSNR {psnr:.1f} dB, max diff "
+                  f"{levels} on {count} of {got.size} values")
+            assert psnr >= 60.0 and levels <= 1 and count <= got.size // 100
+        assert _psnr_and_levels(default[k], by_ids[k])[0] < 40.0     # ids pick the stream
+    # One program, image 0's inputs unchanged: its result too, bit for bit.
+    np.testing.assert_array_equal(changed[0], replay[0])
+    assert _psnr_and_levels(changed[1], replay[1])[0] < 40.0
+    with pytest.raises(ValueError, match="noises: need shapes"):
+        pipe.upscale(images, options=options, noises={**noises, "steps": noises["steps"][:1]})
 
 
 @pytest.mark.slow       # one more compile of a whole sampling program (~1-2 min on 2 cores)

@@ -22,10 +22,13 @@ Two modes, CoSeR's two scripts:
 - "auto" (default): "reference" when the ×4 output has at most (8·latent_tile)² pixels
   (512² for CoSeR, the size it was trained at), else "tiled".
 
-The reference scripts reseed before every image (and patch): every image here draws
-from key(seed) the same way, so a result depends on the seed and the image only,
-never on batching, order or device count. Images of one padded size share a compiled
-program; batches are padded to a multiple of the device count.
+The reference scripts reseed before every image (and patch): by default every image
+here draws from key(seed) the same way, so a result depends on the seed and the image
+only, never on batching, order or device count. `ids` gives image k the stream
+fold_in(key(seed), ids[k]) instead (SeeSR's rule; `jaxsr sr --sample-times` uses it so
+that samples differ); `noises` replaces every draw by given arrays (`draw_noises`'s
+layout) to replay a run. Images of one padded size share a compiled program; batches
+are padded to a multiple of the device count.
 """
 
 from __future__ import annotations
@@ -230,9 +233,43 @@ class CoSeRPipeline:
             self._schedules[steps] = respaced_schedule(steps)
         return self._schedules[steps]
 
-    def _keys(self, n: int, seed: int):
-        # The reference reseeds before every image: all draw from the same key.
-        return jax.vmap(lambda _: jax.random.key(seed))(jnp.arange(n))
+    def noise_shape(self, image, options: CoSeROptions | None = None) -> tuple[int, int, int]:
+        """The latent shape (h', w', c) of the explicit `noises` for an image (array, PIL
+        image or (h, w) pair): the padded ×4 image's in reference mode, one patch's in
+        tiled mode."""
+        options = options or CoSeROptions()
+        mode, h, w = self.bucket_key(image, options)
+        if mode == "reference":
+            h, w = UPSCALE * h, UPSCALE * w
+        else:
+            s = max(options.input_size / min(h, w), float(UPSCALE))
+            h, w = (min(_round_up(int(x * s), _PATCH_MULTIPLE), options.patch_size)
+                    for x in (h, w))
+        vae = self._nets.vae.config
+        factor = 2 ** (len(vae.block_out_channels) - 1)
+        return h // factor, w // factor, vae.latent_channels
+
+    def _keys(self, n: int, seed: int, ids=None):
+        """[n] typed keys: key(seed) for every image when ids is None (the scripts reseed
+        before every image), else fold_in(key(seed), ids[k]), ids padded to n."""
+        base = jax.random.key(seed)
+        if ids is None:
+            return jax.vmap(lambda _: base)(jnp.arange(n))
+        ids = jnp.asarray(pad_rows(np.asarray(ids, np.uint32), n))
+        return jax.vmap(lambda i: jax.random.fold_in(base, i))(ids)
+
+    def _put_noises(self, noises, m: int):
+        """Explicit draws padded to m images and sharded like the batch: "start" is
+        [B, ...], the step draws [N, B, ...] (image axis second)."""
+        if noises is None:
+            return None
+        per_step = NamedSharding(self.mesh, P(None, "data"))
+        out = {}
+        for name, x in noises.items():
+            axis = 0 if name == "start" else 1
+            out[name] = jax.device_put(pad_rows(np.asarray(x, np.float32), m, axis),
+                                       self._batch if axis == 0 else per_step)
+        return out
 
     def _text_batch(self, options: CoSeROptions, n: int):
         p = self.encode_prompt(options.prompt)
@@ -241,8 +278,10 @@ class CoSeRPipeline:
                 jax.device_put(jnp.broadcast_to(q, (n, *q.shape)), self._batch))
 
     # ------------------------------------------------------------- reference mode
-    def _run_reference(self, images: list[np.ndarray], options: CoSeROptions, seed: int):
-        """Same-bucket images -> (uint8 SR [4h, 4w, 3], uint8 references) lists."""
+    def _run_reference(self, images: list[np.ndarray], options: CoSeROptions, seed: int,
+                       ids=None, noises=None):
+        """Same-bucket images -> (uint8 SR [4h, 4w, 3], uint8 references) lists; ids and
+        noises as `upscale`'s, for these images."""
         n = len(images)
         m = _round_up(n, self.num_devices)
         ph, pw = _round_up(images[0].shape[0], _LR_MULTIPLE), _round_up(images[0].shape[1],
@@ -253,7 +292,7 @@ class CoSeRPipeline:
         out = self._program("reference", self._nets_for(options), self._settings(options))(
             self.params, self._schedule(options.steps),
             jax.device_put(pad_rows(lr, m), self._batch), prompt, negative,
-            jax.device_put(self._keys(m, seed), self._batch))
+            jax.device_put(self._keys(m, seed, ids), self._batch), self._put_noises(noises, m))
         sr, ref = np.asarray(out.image), np.asarray(out.reference_image)
         crop = lambda a, im: a[:UPSCALE * im.shape[0], :UPSCALE * im.shape[1]]
         return ([crop(a, im) for a, im in zip(sr[:n], images)],
@@ -261,8 +300,11 @@ class CoSeRPipeline:
 
     # ----------------------------------------------------------------- tiled mode
     def _run_tiled(self, image: np.ndarray, options: CoSeROptions, seed: int,
-                   batch_size: int) -> np.ndarray:
-        """One image through inference_tile.py's procedure -> uint8 [4h, 4w, 3]."""
+                   batch_size: int, key_id=None, noises=None) -> np.ndarray:
+        """One image through inference_tile.py's procedure -> uint8 [4h, 4w, 3]. Every
+        patch draws the same (the script reseeds per patch): from key(seed) or, with
+        key_id, fold_in(key(seed), key_id); or the one image's explicit `noises`
+        ({"start": [h', w', c], "steps": [N, h', w', c]})."""
         h, w = image.shape[:2]
         lr = jnp.asarray(image[None].astype(np.float32) / 255.0)
         adapter = self._adapter_fn(self.params, lr)                  # E of the whole LR
@@ -286,11 +328,14 @@ class CoSeRPipeline:
             m = _round_up(len(chunk), self.num_devices)
             patches = np.stack([im_lq[y:y + th, x:x + tw] for y, x in chunk])
             prompt, negative = self._text_batch(options, m)
+            ids = None if key_id is None else [key_id] * m
             out, _ = program(self.params, self._schedule(options.steps),
                              jax.device_put(pad_rows(patches, m), self._batch),
                              jax.device_put(jnp.broadcast_to(adapter, (m, *adapter.shape[1:])),
                                             self._batch),
-                             prompt, negative, jax.device_put(self._keys(m, seed), self._batch))
+                             prompt, negative,
+                             jax.device_put(self._keys(m, seed, ids), self._batch),
+                             self._put_noises(_patch_noises(noises, m), m))
             for (y, x), patch in zip(chunk, np.asarray(out)[:len(chunk)]):
                 total[y:y + th, x:x + tw] += patch
                 count[y:y + th, x:x + tw] += 1.0
@@ -303,34 +348,83 @@ class CoSeRPipeline:
 
     # ---------------------------------------------------------------------- API
     def upscale(self, images, *, options: CoSeROptions | None = None, seed: int = 2887,
-                batch_size: int | None = None, return_references: bool = False):
+                ids=None, noises=None, batch_size: int | None = None,
+                return_references: bool = False):
         """Super-resolve images of any sizes; returns uint8 [4h, 4w, 3] arrays in input
         order, and with `return_references` also the generated reference images
         (uint8 [4h, 4w, 3]; None for images done in tiled mode, which generates none).
 
         images: uint8 arrays [h, w, 3] (or [h, w]) or PIL images of any mode.
+        ids: None (default): every image draws from key(seed), as the scripts, which
+          reseed before every image; else per-image integers folded into key(seed)
+          (fold_in(key(seed), ids[k]), SeeSR's rule), so equal images draw differently.
+        noises: explicit draws for all images at once, in `draw_noises`'s layout
+          {"start": [B, h', w', c], "reference_steps": [N, B, h', w', c], "steps":
+          [N, B, h', w', c]} with (h', w', c) = `noise_shape(image, options)` (tiled
+          mode: one patch's, used by every patch of the image; "reference_steps"
+          unused). The images must then share one size bucket; they run as one batch.
         batch_size: images (or tiled-mode patches) per compiled call (default: the
           device count); padded to a multiple of the device count.
         """
         options = options or CoSeROptions()
         arrays = [as_rgb_array(im) for im in images]
+        if ids is not None and len(ids) != len(arrays):
+            raise ValueError(f"{len(ids)} ids for {len(arrays)} images")
         batch_size = batch_size or self.num_devices
         outputs: list = [None] * len(arrays)
         references: list = [None] * len(arrays)
         buckets: dict[tuple, list[int]] = {}
         for k, im in enumerate(arrays):
             buckets.setdefault(self.bucket_key(im, options), []).append(k)
+        if noises is not None:
+            self._check_noises(noises, arrays, buckets, options)
+            batch_size = max(batch_size, len(arrays))
+        pick = lambda chunk: None if ids is None else [int(ids[k]) for k in chunk]
         for (mode, _, _), members in buckets.items():
             if mode == "tiled":
                 for k in members:
-                    outputs[k] = self._run_tiled(arrays[k], options, seed, batch_size)
+                    key_id = None if ids is None else int(ids[k])
+                    outputs[k] = self._run_tiled(arrays[k], options, seed, batch_size,
+                                                 key_id, _image_noises(noises, k))
                 continue
             for start in range(0, len(members), batch_size):
                 chunk = members[start:start + batch_size]
-                sr, ref = self._run_reference([arrays[k] for k in chunk], options, seed)
+                sr, ref = self._run_reference([arrays[k] for k in chunk], options, seed,
+                                              pick(chunk), noises)
                 for k, a, b in zip(chunk, sr, ref):
                     outputs[k], references[k] = a, b
         return (outputs, references) if return_references else outputs
+
+    def _check_noises(self, noises, arrays, buckets, options: CoSeROptions) -> None:
+        """ValueError unless `noises` fits `upscale`'s images: one bucket, and every
+        draw of the shape `noise_shape` gives, for every image and step."""
+        if len(buckets) != 1:
+            raise ValueError("explicit noises need all images in one size bucket")
+        [(mode, _, _)] = buckets
+        lat = self.noise_shape(arrays[0], options)
+        n, steps = len(arrays), options.steps
+        want = {"start": (n, *lat), "steps": (steps, n, *lat)}
+        if mode == "reference":
+            want["reference_steps"] = (steps, n, *lat)
+        got = {name: tuple(np.shape(noises[name])) if name in noises else None
+               for name in want}
+        if got != want:
+            raise ValueError(f"noises: need shapes {want}, got {got}")
+
+
+def _image_noises(noises, k: int):
+    """Image k's draws out of `upscale`'s noises: {"start": [h', w', c], "steps": [N, ...]}."""
+    if noises is None:
+        return None
+    return {"start": np.asarray(noises["start"])[k], "steps": np.asarray(noises["steps"])[:, k]}
+
+
+def _patch_noises(noises, m: int):
+    """One image's draws repeated for a chunk of m patches (batch axis added)."""
+    if noises is None:
+        return None
+    return {"start": np.broadcast_to(noises["start"], (m, *noises["start"].shape)),
+            "steps": np.repeat(noises["steps"][:, None], m, axis=1)}
 
 
 def _enlarge(lr, size: tuple[int, int]):
