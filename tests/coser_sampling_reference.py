@@ -190,22 +190,40 @@ def patch_starts(length: int, size: int, stride: int) -> list[int]:
     return sorted(set(starts), key=starts.index)
 
 
+def tile_sizes(h: int, w: int, input_size: int, upscale: int, padding: str):
+    """inference_tile.py's sizes for an h×w LR: (s, (big_h, big_w), (pad_h, pad_w), the
+    final (height, width)). "script": as the script's code (float upscale): pad nothing
+    when both enlarged sides are multiples of 32, else pad each to the next multiple
+    strictly above it; when s > upscale, resize the cropped result to the padded size
+    times upscale / s. "exact": the smallest padding, and a final size of upscale·(h, w)."""
+    s = max(input_size / min(h, w), float(upscale))
+    big_h, big_w = int(h * s), int(w * s)
+    if padding == "exact":
+        return s, (big_h, big_w), ((-big_h) % 32, (-big_w) % 32), (upscale * h, upscale * w)
+    if big_h % 32 == 0 and big_w % 32 == 0:
+        pad_h = pad_w = 0
+    else:
+        pad_h, pad_w = (big_h // 32 + 1) * 32 - big_h, (big_w // 32 + 1) * 32 - big_w
+    final = (int((big_h + pad_h) * float(upscale) / s), int((big_w + pad_w) * float(upscale) / s))
+    return s, (big_h, big_w), (pad_h, pad_w), final if s > upscale else (big_h, big_w)
+
+
 @torch.no_grad()
 def reference_coser_tiled(lr, *, sr, tower, qformer, query_tokens, vision_size, vae, unet, cn,
                           prompt, negative, noises, steps, cfg=3.0, fix="none", input_size=512,
-                          tile=64, overlap=32, patch=1280, stride=1000, upscale=4):
+                          tile=64, overlap=32, patch=1280, stride=1000, upscale=4,
+                          padding="exact"):
     """scripts/inference_tile.py for one image (batch 1): lr [1, 3, h, w] in [0, 1];
     prompt/negative [1, 77, D]; noises {"start", "steps"} for one patch (the script
-    reseeds before every patch, so every patch draws the same). Returns uint8 NHWC."""
+    reseeds before every patch, so every patch draws the same); padding: "script" (the
+    script's own padding and final size) or "exact" (see `tile_sizes`). Returns uint8 NHWC."""
     tokens = tower.coser_tokens(torch_clip_preprocess(sr(lr), vision_size))
     e = qformer(query_embeds=query_tokens, encoder_hidden_states=tokens).last_hidden_state
     pos, neg = torch.cat([prompt, e], dim=1), negative
     h, w = lr.shape[2:]
-    s = max(input_size / min(h, w), upscale)
-    big_h, big_w = int(h * s), int(w * s)
+    s, (big_h, big_w), (pad_h, pad_w), final = tile_sizes(h, w, input_size, upscale, padding)
     im_lq = torch.clamp(F.interpolate(2.0 * lr - 1.0, size=(big_h, big_w), mode="bicubic",
                                       align_corners=False), -1.0, 1.0)
-    pad_h, pad_w = (-big_h) % 32, (-big_w) % 32
     im_lq = F.pad(im_lq, (0, pad_w, 0, pad_h), mode="reflect")
     ys = patch_starts(im_lq.shape[2], patch, stride)
     xs = patch_starts(im_lq.shape[3], patch, stride)
@@ -232,6 +250,6 @@ def reference_coser_tiled(lr, *, sr, tower, qformer, query_tokens, vision_size, 
             count[box] += 1.0
     out = torch.clamp(((total / count)[:, :, :big_h, :big_w] + 1.0) / 2.0, 0.0, 1.0)
     if s > upscale:
-        out = torch.clamp(F.interpolate(out, size=(upscale * h, upscale * w), mode="bicubic",
-                                        align_corners=False), 0.0, 1.0)
+        out = torch.clamp(F.interpolate(out, size=final, mode="bicubic", align_corners=False),
+                          0.0, 1.0)
     return (out * 255.0).permute(0, 2, 3, 1).numpy().astype(np.uint8)

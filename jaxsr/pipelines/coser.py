@@ -1,4 +1,5 @@
-"""CoSeR super-resolution: LR image in, a 4× image out (and the reference CoSeR imagined).
+"""CoSeR super-resolution: LR image in, an n× image out (n = options.upscale, 4 by
+default; and the reference CoSeR imagined).
 
     pipe = CoSeRPipeline.from_pretrained("weights/coser")          # jaxsr convert --coser
     [sr] = pipe.upscale([lr_uint8])                                 # uint8 [4h, 4w, 3]
@@ -9,17 +10,25 @@ Two modes, CoSeR's two scripts:
 - "reference" (scripts/inference.py): the device program `coser_restore` on the whole
   image: cognitive embedding, reference generation from the LR-latent start, the SR
   pass guided by that reference, plain or CFW decode, colour fix; the decoded
-  reference is returned too. The UNet needs a ×4 size that is a multiple of 64, which
-  the reference script simply requires; here the LR is reflect-padded to a multiple
-  of 16 and the result cropped (so E and the latents see the mirrored border).
+  reference is returned too. The script enlarges by its --upscale n (bicubic to
+  int(n·h) × int(n·w)) and samples at that size, whatever n is; the UNet needs that
+  size to be a multiple of 64, which the script simply requires. Here the LR is
+  reflect-padded to a multiple of 64/gcd(n, 64) (16 for n = 4) and the result cropped
+  (so E and the latents see the mirrored border).
 - "tiled" (scripts/inference_tile.py), for large images: no reference generation (the
   reference latent is the VAE code of a gray image); E from the whole LR; the image is
-  enlarged by s = max(input_size / short side, 4) with PyTorch's bicubic, clamped,
-  reflect-padded to a multiple of 32 and cut into patches of at most 1280 px with
-  stride 1000 that are averaged uniformly; each patch runs `coser_restore_tiled`
-  (latent tiles of 64, overlap 32, Gaussian blending); the padding is cropped and,
-  when s > 4, the result is brought to ×4 with PyTorch's bicubic.
-- "auto" (default): "reference" when the ×4 output has at most (8·latent_tile)² pixels
+  enlarged by s = max(input_size / short side, n) with PyTorch's bicubic, clamped,
+  reflect-padded for the VAE and cut into patches of at most 1280 px with stride 1000
+  that are averaged uniformly; each patch runs `coser_restore_tiled` (latent tiles of
+  64, overlap 32, Gaussian blending); the padding is cropped and, when s > n, the
+  result is resized with PyTorch's bicubic. `tiled_padding` picks the padding and the
+  final size (see `tiled_geometry`): "exact" (default) pads each side up to the next
+  multiple of 32 and ends at exactly n·h × n·w; "script" does what inference_tile.py
+  does: when either side is not a multiple of 32 it pads both by 32 − side % 32, so a
+  side that already is one grows by 32 (512 -> 544), and it sizes the final resize from
+  the padded image, int(padded · n / s), which stretches the output (50×70 at n = 4 ->
+  212×287 instead of 200×280).
+- "auto" (default): "reference" when the n× output has at most (8·latent_tile)² pixels
   (512² for CoSeR, the size it was trained at), else "tiled".
 
 The reference scripts reseed before every image (and patch): by default every image
@@ -34,7 +43,9 @@ are padded to a multiple of the device count.
 from __future__ import annotations
 
 import dataclasses
+import math
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -54,7 +65,6 @@ from jaxsr.models.vae import AutoencoderKL
 from jaxsr.nn.resize import torch_resize_bicubic
 from jaxsr.parallel.mesh import make_mesh
 from jaxsr.pipelines.coser_sampling import (
-    UPSCALE,
     CoSeRNetworks,
     CoSeRSettings,
     coser_adapter,
@@ -70,9 +80,10 @@ NEGATIVE_PROMPT = (
 COLOR_FIXES = {"adain": "adain", "wavelet": "wavelet", "none": "nofix", "nofix": "nofix"}
 MODES = ("auto", "reference", "tiled")
 DECODERS = ("auto", "cfw", "vae")
+TILED_PADDINGS = ("exact", "script")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-# The UNet downsamples the latent three times: the ×4 image must be a multiple of 64.
-_LR_MULTIPLE = 16
+# The UNet downsamples the latent three times: the n× image must be a multiple of 64.
+_PIXEL_MULTIPLE = 64
 _PATCH_MULTIPLE = 32             # inference_tile.py pads the enlarged image to this
 
 
@@ -94,7 +105,9 @@ class CoSeROptions:
     latent_tile_overlap: int = 32
     input_size: int = 512                 # tiled mode: the short side is enlarged to this
     patch_size: int = 1280                # tiled mode: pixels per patch (vqgantile_size)
-    patch_stride: int = 1000
+    patch_stride: int = 1000              # (vqgantile_stride)
+    upscale: int = 4                      # --upscale: the output is upscale× the input
+    tiled_padding: str = "exact"          # exact | script (see the module docstring)
 
     def __post_init__(self):
         problems = []
@@ -112,6 +125,11 @@ class CoSeROptions:
         if not 0 < self.patch_stride <= self.patch_size or self.patch_size % _PATCH_MULTIPLE:
             problems.append(f"patch size {self.patch_size} / stride {self.patch_stride}: need "
                             f"0 < stride <= size, size a multiple of {_PATCH_MULTIPLE}")
+        if self.upscale < 1 or self.input_size < 1:
+            problems.append(f"upscale {self.upscale} / input_size {self.input_size}: need >= 1")
+        if self.tiled_padding not in TILED_PADDINGS:
+            problems.append(f"tiled_padding {self.tiled_padding!r} is not one of "
+                            f"{', '.join(TILED_PADDINGS)}")
         if problems:
             raise ValueError("invalid CoSeR options: " + "; ".join(problems))
 
@@ -119,12 +137,45 @@ class CoSeROptions:
         """The mode for an LR of h×w."""
         if self.mode != "auto":
             return self.mode
-        side = 8 * self.latent_tile
-        return "reference" if UPSCALE * h * UPSCALE * w <= side * side else "tiled"
+        side, n = 8 * self.latent_tile, self.upscale
+        return "reference" if n * h * n * w <= side * side else "tiled"
 
 
 def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
+
+
+def lr_multiple(upscale: int) -> int:
+    """The LR side multiple whose upscale× image the UNet takes (a multiple of 64)."""
+    return _PIXEL_MULTIPLE // math.gcd(upscale, _PIXEL_MULTIPLE)
+
+
+class TiledGeometry(NamedTuple):
+    """Tiled mode's sizes for an LR of h×w, each (height, width)."""
+
+    scale: float                  # s = max(input_size / short side, upscale)
+    enlarged: tuple[int, int]     # (int(h·s), int(w·s)): the bicubic enlargement
+    padded: tuple[int, int]       # reflect-padded to this, then cut into patches
+    output: tuple[int, int]       # the result: the crop back to `enlarged`, resized
+
+
+def tiled_geometry(h: int, w: int, options: CoSeROptions) -> TiledGeometry:
+    """inference_tile.py's sizes (Python float arithmetic as the script). "exact"
+    padding rounds each side up to a multiple of 32 and ends at upscale·(h, w);
+    "script" pads as the script: nothing when both sides are multiples of 32, else
+    both sides to (side // 32 + 1)·32 (+32 on a side that already is a multiple), and
+    when s > upscale resizes to int(padded · upscale / s) (its lines 330-337, 418-424)."""
+    n = options.upscale
+    s = max(options.input_size / min(h, w), float(n))
+    big = (int(h * s), int(w * s))
+    if options.tiled_padding == "exact":
+        padded = tuple(_round_up(x, _PATCH_MULTIPLE) for x in big)
+        return TiledGeometry(s, big, padded, (n * h, n * w))
+    needs_pad = any(x % _PATCH_MULTIPLE for x in big)
+    padded = tuple((x // _PATCH_MULTIPLE + 1) * _PATCH_MULTIPLE if needs_pad else x
+                   for x in big)
+    output = tuple(int(x * float(n) / s) for x in padded) if s > n else big
+    return TiledGeometry(s, big, padded, output)
 
 
 def patch_starts(length: int, size: int, stride: int) -> list[int]:
@@ -197,7 +248,8 @@ class CoSeRPipeline:
             h, w = np.shape(image)[:2]
         mode = options.pick_mode(h, w)
         if mode == "reference":
-            return mode, _round_up(h, _LR_MULTIPLE), _round_up(w, _LR_MULTIPLE)
+            m = lr_multiple(options.upscale)
+            return mode, _round_up(h, m), _round_up(w, m)
         return mode, h, w
 
     def encode_prompt(self, prompt: str) -> jax.Array:
@@ -213,7 +265,8 @@ class CoSeRPipeline:
                              color_fix=COLOR_FIXES[options.color_fix],
                              fusion_weight=float(options.fusion_weight),
                              latent_tile=options.latent_tile,
-                             latent_tile_overlap=options.latent_tile_overlap)
+                             latent_tile_overlap=options.latent_tile_overlap,
+                             upscale=options.upscale)
 
     def _nets_for(self, options: CoSeROptions) -> CoSeRNetworks:
         if options.decoder == "cfw" and not self.has_cfw:
@@ -235,16 +288,14 @@ class CoSeRPipeline:
 
     def noise_shape(self, image, options: CoSeROptions | None = None) -> tuple[int, int, int]:
         """The latent shape (h', w', c) of the explicit `noises` for an image (array, PIL
-        image or (h, w) pair): the padded ×4 image's in reference mode, one patch's in
+        image or (h, w) pair): the padded n× image's in reference mode, one patch's in
         tiled mode."""
         options = options or CoSeROptions()
         mode, h, w = self.bucket_key(image, options)
         if mode == "reference":
-            h, w = UPSCALE * h, UPSCALE * w
+            h, w = options.upscale * h, options.upscale * w
         else:
-            s = max(options.input_size / min(h, w), float(UPSCALE))
-            h, w = (min(_round_up(int(x * s), _PATCH_MULTIPLE), options.patch_size)
-                    for x in (h, w))
+            h, w = (min(x, options.patch_size) for x in tiled_geometry(h, w, options).padded)
         vae = self._nets.vae.config
         factor = 2 ** (len(vae.block_out_channels) - 1)
         return h // factor, w // factor, vae.latent_channels
@@ -280,12 +331,11 @@ class CoSeRPipeline:
     # ------------------------------------------------------------- reference mode
     def _run_reference(self, images: list[np.ndarray], options: CoSeROptions, seed: int,
                        ids=None, noises=None):
-        """Same-bucket images -> (uint8 SR [4h, 4w, 3], uint8 references) lists; ids and
+        """Same-bucket images -> (uint8 SR [nh, nw, 3], uint8 references) lists; ids and
         noises as `upscale`'s, for these images."""
-        n = len(images)
+        n, up = len(images), options.upscale
         m = _round_up(n, self.num_devices)
-        ph, pw = _round_up(images[0].shape[0], _LR_MULTIPLE), _round_up(images[0].shape[1],
-                                                                         _LR_MULTIPLE)
+        _, ph, pw = self.bucket_key(images[0], options)
         lr = np.stack([np.pad(im, ((0, ph - im.shape[0]), (0, pw - im.shape[1]), (0, 0)),
                               mode="reflect") for im in images]).astype(np.float32) / 255.0
         prompt, negative = self._text_batch(options, m)
@@ -294,26 +344,24 @@ class CoSeRPipeline:
             jax.device_put(pad_rows(lr, m), self._batch), prompt, negative,
             jax.device_put(self._keys(m, seed, ids), self._batch), self._put_noises(noises, m))
         sr, ref = np.asarray(out.image), np.asarray(out.reference_image)
-        crop = lambda a, im: a[:UPSCALE * im.shape[0], :UPSCALE * im.shape[1]]
+        crop = lambda a, im: a[:up * im.shape[0], :up * im.shape[1]]
         return ([crop(a, im) for a, im in zip(sr[:n], images)],
                 [crop(a, im) for a, im in zip(ref[:n], images)])
 
     # ----------------------------------------------------------------- tiled mode
     def _run_tiled(self, image: np.ndarray, options: CoSeROptions, seed: int,
                    batch_size: int, key_id=None, noises=None) -> np.ndarray:
-        """One image through inference_tile.py's procedure -> uint8 [4h, 4w, 3]. Every
-        patch draws the same (the script reseeds per patch): from key(seed) or, with
-        key_id, fold_in(key(seed), key_id); or the one image's explicit `noises`
-        ({"start": [h', w', c], "steps": [N, h', w', c]})."""
+        """One image through inference_tile.py's procedure -> uint8 [`tiled_geometry`'s
+        output, 3]. Every patch draws the same (the script reseeds per patch): from
+        key(seed) or, with key_id, fold_in(key(seed), key_id); or the one image's
+        explicit `noises` ({"start": [h', w', c], "steps": [N, h', w', c]})."""
         h, w = image.shape[:2]
         lr = jnp.asarray(image[None].astype(np.float32) / 255.0)
         adapter = self._adapter_fn(self.params, lr)                  # E of the whole LR
-        s = max(options.input_size / min(h, w), float(UPSCALE))
-        size = (int(h * s), int(w * s))
-        im_lq = np.asarray(self._enlarge_fn(lr, size))[0]
-        big_h, big_w = size
-        ph, pw = _round_up(big_h, _PATCH_MULTIPLE), _round_up(big_w, _PATCH_MULTIPLE)
-        if (ph, pw) != size:
+        geometry = tiled_geometry(h, w, options)
+        im_lq = np.asarray(self._enlarge_fn(lr, geometry.enlarged))[0]
+        (big_h, big_w), (ph, pw) = geometry.enlarged, geometry.padded
+        if (ph, pw) != (big_h, big_w):
             im_lq = np.pad(im_lq, ((0, ph - big_h), (0, pw - big_w), (0, 0)), mode="reflect")
         ys = patch_starts(ph, options.patch_size, options.patch_stride)
         xs = patch_starts(pw, options.patch_size, options.patch_stride)
@@ -340,9 +388,8 @@ class CoSeRPipeline:
                 total[y:y + th, x:x + tw] += patch
                 count[y:y + th, x:x + tw] += 1.0
         sr = np.clip((total / count)[:big_h, :big_w] / 2.0 + 0.5, 0.0, 1.0)
-        if s > UPSCALE:
-            sr = np.asarray(torch_resize_bicubic(jnp.asarray(sr[None]),
-                                                 (UPSCALE * h, UPSCALE * w)))[0]
+        if geometry.scale > options.upscale:
+            sr = np.asarray(torch_resize_bicubic(jnp.asarray(sr[None]), geometry.output))[0]
             sr = np.clip(sr, 0.0, 1.0)
         return (sr * 255.0).astype(np.uint8)
 
@@ -350,9 +397,11 @@ class CoSeRPipeline:
     def upscale(self, images, *, options: CoSeROptions | None = None, seed: int = 2887,
                 ids=None, noises=None, batch_size: int | None = None,
                 return_references: bool = False):
-        """Super-resolve images of any sizes; returns uint8 [4h, 4w, 3] arrays in input
-        order, and with `return_references` also the generated reference images
-        (uint8 [4h, 4w, 3]; None for images done in tiled mode, which generates none).
+        """Super-resolve images of any sizes; returns uint8 [nh, nw, 3] arrays in input
+        order (n = options.upscale; tiled mode with tiled_padding "script": the size
+        `tiled_geometry` gives), and with `return_references` also the generated
+        reference images (uint8 [nh, nw, 3]; None for images done in tiled mode, which
+        generates none).
 
         images: uint8 arrays [h, w, 3] (or [h, w]) or PIL images of any mode.
         ids: None (default): every image draws from key(seed), as the scripts, which

@@ -4,17 +4,19 @@ generation → SR sampling → decode → colour fix, as one function for jit.
     coser_restore(nets, settings, params, schedule, lr, prompt_emb, negative_emb, keys,
                   noises=None) -> CoSeROutput
 
-lr: [B, h, w, 3] float32 in [0, 1], the raw LR (4h, 4w multiples of the VAE's factor).
+lr: [B, h, w, 3] float32 in [0, 1], the raw LR (n·h, n·w multiples of the VAE's factor,
+  n = settings.upscale, 4 by default).
 prompt_emb: [B, Lp, D] text embedding of the prompt ("" by default; 77 tokens).
 negative_emb: [B, Ln, D] text embedding of the negative prompt (77 tokens).
 keys: [B] typed PRNG keys, one per image (ignored when `noises` is given).
 noises: None, or explicit draws {"start": [B, h', w', c], "reference_steps":
-  [N, B, h', w', c], "steps": [N, B, h', w', c]} (latent NHWC, h' = 4h/8) to replay a
+  [N, B, h', w', c], "steps": [N, B, h', w', c]} (latent NHWC, h' = n·h/8) to replay a
   reference run exactly; `draw_noises` gives the ones `keys` would give.
 
 Per image, as CoSeR's scripts/inference.py (docs/coser_reference.md §7):
 1. E = cognitive(lr) [B, 50, 1024];
-2. im_lq = clamp(bicubic×4(2·lr − 1), −1, 1); z_lr = scaling · VAE.encode(im_lq).mode();
+2. im_lq = clamp(bicubic×n(2·lr − 1), −1, 1); z_lr = scaling · VAE.encode(im_lq).mode()
+   (the script's --upscale n, 4 by default);
 3. x_T = √ᾱ_999·z_lr + √(1−ᾱ_999)·ε with the base 1000-step tables (not pure noise);
 4. reference generation: the respaced N-step DDPM from x_T with the UNet in gen mode,
    ε = ε_n + g_ref·(ε_p − ε_n); positive context [p; E] (127 tokens), negative
@@ -79,6 +81,7 @@ class CoSeRSettings(NamedTuple):
     start_sqrt_one_minus_alpha: float = float(_SQRT_ONE_MINUS_AC[-1])
     latent_tile: int = 64                    # coser_restore_tiled only
     latent_tile_overlap: int = 32
+    upscale: int = UPSCALE                   # coser_restore's bicubic enlargement (--upscale)
 
 
 class CoSeRNetworks(NamedTuple):
@@ -92,8 +95,8 @@ class CoSeRNetworks(NamedTuple):
 
 
 class CoSeROutput(NamedTuple):
-    image: jax.Array              # [B, 4h, 4w, 3] uint8, the SR result
-    reference_image: jax.Array    # [B, 4h, 4w, 3] uint8, the decoded reference latent
+    image: jax.Array              # [B, n·h, n·w, 3] uint8, the SR result
+    reference_image: jax.Array    # [B, n·h, n·w, 3] uint8, the decoded reference latent
     latent: jax.Array             # [B, h', w', c] float32, the final SR latent (scaled)
     reference_latent: jax.Array   # [B, h', w', c] float32, z_ref (scaled)
 
@@ -109,11 +112,11 @@ def draw_noises(keys, num_steps: int, latent_shape) -> dict[str, jax.Array]:
             "reference_steps": per_step(REFERENCE_STREAM), "steps": per_step(SR_STREAM)}
 
 
-def lq_image(lr):
-    """im_lq = clamp(bicubic×4(2·lr − 1), −1, 1) with PyTorch's bicubic (a = −0.75).
-    lr [B, h, w, 3] in [0, 1] -> [B, 4h, 4w, 3] float32."""
+def lq_image(lr, upscale: int = UPSCALE):
+    """im_lq = clamp(bicubic×n(2·lr − 1), −1, 1) with PyTorch's bicubic (a = −0.75).
+    lr [B, h, w, 3] in [0, 1] -> [B, n·h, n·w, 3] float32."""
     _, h, w, _ = lr.shape
-    up = torch_resize_bicubic(2.0 * lr.astype(jnp.float32) - 1.0, (UPSCALE * h, UPSCALE * w))
+    up = torch_resize_bicubic(2.0 * lr.astype(jnp.float32) - 1.0, (upscale * h, upscale * w))
     return jnp.clip(up, -1.0, 1.0)
 
 
@@ -236,14 +239,14 @@ def coser_restore(nets: CoSeRNetworks, settings: CoSeRSettings, params: dict[str
     jit with nets and settings static, e.g.
     `jax.jit(coser_restore, static_argnums=(0, 1))`."""
     b, h, w, _ = lr.shape
-    _check(nets, settings, UPSCALE * h, UPSCALE * w, "coser_restore")
+    _check(nets, settings, settings.upscale * h, settings.upscale * w, "coser_restore")
     lr = lr.astype(jnp.float32)
 
     adapter = nets.cognitive.apply({"params": params["cognitive"]}, lr)
     positive = coser_context(prompt_emb, adapter)       # [B, Lp + Le, D]
     negative = coser_context(None, negative_emb)        # [B, Ln, D]
 
-    im_lq = lq_image(lr)
+    im_lq = lq_image(lr, settings.upscale)
     posterior = nets.vae.apply({"params": params["vae"]}, im_lq, method="encode")
     z_lr = posterior.mode() * nets.vae.config.scaling_factor
 
