@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from jaxsr.nn.moments import channel_moments
+
 _ADAIN_EPS = 1e-5
 _WAVELET_LEVELS = 5
 _BLUR_TAPS = ((-1, 0.25), (0, 0.5), (1, 0.25))  # [1, 2, 1] / 4 along each axis
@@ -24,10 +26,10 @@ _BLUR_TAPS = ((-1, 0.25), (0, 0.5), (1, 0.25))  # [1, 2, 1] / 4 along each axis
 
 def _mean_std(x):
     """Per image and channel over H×W: mean, √(unbiased var + 1e-5). Shapes [B, 1, 1, C]."""
-    b, h, w, c = x.shape
-    mean = jnp.mean(x, axis=(1, 2), keepdims=True)
-    var = jnp.sum(jnp.square(x - mean), axis=(1, 2), keepdims=True) / (h * w - 1)
-    return mean, jnp.sqrt(var + _ADAIN_EPS)
+    n = x.shape[1] * x.shape[2]
+    mean, var = channel_moments(x)
+    unbiased = var * (n / (n - 1))
+    return mean[:, None, None], jnp.sqrt(unbiased + _ADAIN_EPS)[:, None, None]
 
 
 def adain_color_fix(image, reference):

@@ -66,6 +66,7 @@ import numpy as np
 from jaxsr.models.vae import AutoencoderKL, DiagonalGaussian
 from jaxsr.nn.attention import dot_product_attention
 from jaxsr.nn.layers import conv
+from jaxsr.nn.moments import group_moments
 from jaxsr.nn.resnet import Downsample2D, Upsample2D
 
 ENCODER_TILE = 1024  # pixels (test_seesr.py --vae_encoder_tiled_size)
@@ -242,15 +243,6 @@ def decoder_ops(vae: AutoencoderKL, p) -> list[Op]:
 # -------------------------------------------------------------- synchronised group norm
 
 
-def group_stats(x, groups: int):
-    """Biased mean and variance per sample and group (two-pass, float32): [B, G] each."""
-    xf = x.astype(jnp.float32)
-    g = xf.reshape(xf.shape[0], -1, groups, xf.shape[-1] // groups)
-    mean = g.mean(axis=(1, 3))
-    var = jnp.square(g - mean[:, None, :, None]).mean(axis=(1, 3))
-    return mean, var
-
-
 def normalize_with_stats(x, mean, var, p, groups: int, dtype, eps: float = _EPS):
     """GroupNorm of x [B, H, W, C] with given [B, G] statistics and affine params p."""
     xf = x.astype(jnp.float32)
@@ -378,7 +370,7 @@ def run_tiled(ops: list[Op], x, tiles: list[Tile], *, groups: int, scale: int, u
                     res_arena = jax.lax.dynamic_update_slice(
                         res_arena, res.reshape(1, -1).astype(dtype), (i, 0))
                 if seg.collect:
-                    mean, var = group_stats(tx, groups)
+                    mean, var = group_moments(tx, groups)
                     t_mean = jax.lax.dynamic_update_slice(t_mean, mean[None], (i, 0, 0))
                     t_var = jax.lax.dynamic_update_slice(t_var, var[None], (i, 0, 0))
                 return arena, res_arena, t_mean, t_var
