@@ -11,10 +11,21 @@ import textwrap
 import jax
 import numpy as np
 import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
+from jaxsr.diffusion.samplers import make_sampler, sampler_init, sampler_step
 from jaxsr.pipelines.seesr import SeeSROptions, SeeSRPipeline
-from tests.parity import psnr_uint8
+from jaxsr.pipelines.seesr_sampling import skip_steps_above
+from tests.parity import assert_within_levels, psnr_uint8
 from tests.test_convert_seesr_cli import _convert, write_tiny_release
+from tests.test_schedulers import (
+    SD2_BASE,
+    assert_trajectories_close,
+    replay_step_noise,
+    start_latent,
+    toy_model,
+)
 
 FAST = SeeSROptions(steps=2, process_size=32)
 
@@ -43,6 +54,41 @@ def test_options_are_validated():
         SeeSROptions(color_fix="hist")
     with pytest.raises(ValueError, match="steps"):
         SeeSROptions(steps=0)
+    with pytest.raises(ValueError, match="start_point 'x'"):
+        SeeSROptions(start_point="x")
+
+
+@pytest.mark.parametrize("kind, num_steps, start", [
+    ("ddpm", 50, 500), ("ddpm", 50, 999), ("ddim", 20, 600), ("dpmpp", 20, 500)])
+def test_start_steps_skip_like_the_pipeline_loop(kind, num_steps, start):
+    """skip_steps_above against diffusers' schedulers driven as pipeline_seesr.py drives
+    them with start_steps: every step at t > start_steps is passed over (`continue`), the
+    others run as usual (DDPM draws its noise per step run, from the generator)."""
+    cls = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpmpp": DPMSolverMultistepScheduler}
+    ref = cls[kind].from_config(SD2_BASE)
+    ref.set_timesteps(num_steps)
+    generator = torch.Generator().manual_seed(3)
+    x = start_latent()
+    want = []
+    for t in ref.timesteps.tolist():
+        if t > start:
+            continue
+        extra = {"generator": generator} if kind == "ddpm" else {}
+        x = ref.step(torch.from_numpy(toy_model(x, t)), t, torch.from_numpy(x),
+                     **extra).prev_sample.numpy()
+        want.append(x)
+
+    plan = skip_steps_above(make_sampler(kind, SD2_BASE, num_steps), start)
+    timesteps = plan.timesteps.tolist()
+    assert timesteps == [t for t in ref.timesteps.tolist() if t <= start]
+    if (kind, start) == ("ddpm", 500):
+        assert (timesteps[0], len(timesteps)) == (481, 25)
+    noises = replay_step_noise(timesteps, seed=3)
+    x, state, got = start_latent(), sampler_init(plan, start_latent()), []
+    for i, t in enumerate(timesteps):
+        state, x = sampler_step(plan, state, i, x, toy_model(np.asarray(x), t), noises[i])
+        got.append(np.asarray(x))
+    assert_trajectories_close(got, want, f"{kind} N={num_steps} from t <= {start}")
 
 
 def test_prompt_is_the_reference_format():
@@ -62,14 +108,17 @@ def test_outputs_are_4x_and_reproducible(pipe):
     assert all(o.dtype == np.uint8 for o in out)
     assert all(p.endswith(", ,clean, high-resolution, 8k") for p in prompts)
     again = pipe.upscale(ims, options=FAST, seed=3, batch_size=1)
-    for a, b in zip(out, again):           # batching does not change a result
-        np.testing.assert_array_equal(a, b)
+    # Batching does not change a result beyond float32 rounding (programs of another
+    # batch size may round a value to the other side of a level boundary).
+    for a, b in zip(out, again):
+        assert_within_levels(a, b, what="batch 3 vs batch 1")
     other_seed = pipe.upscale(ims[:1], options=FAST, seed=4)[0]
     other_id = pipe.upscale(ims[:1], options=FAST, seed=3, ids=[1])[0]
     assert not np.array_equal(other_seed, out[0])
     # ids pick the random stream: image 0 with id 1 equals image 1's stream on image 0's pixels
     assert not np.array_equal(other_id, out[0])
-    assert pipe.upscale([ims[1]], options=FAST, seed=3, ids=[1])[0].tobytes() == out[1].tobytes()
+    assert_within_levels(pipe.upscale([ims[1]], options=FAST, seed=3, ids=[1])[0], out[1],
+                         what="id 1 alone vs in a batch")
 
 
 def test_pil_inputs_of_any_mode(pipe):

@@ -11,8 +11,10 @@ What runs, per image (SeeSR's `test_seesr.py` + `pipeline_seesr.py`):
 3. PIL bicubic chain: enlarge so the short side reaches process_size/upscale,
    ×upscale, crop-resize to multiples of 8 → the ControlNet image in [0, 1].
 4. On device (`seesr_sampling.restore`, one jit per size bucket): VAE encode, start at
-   √ᾱ₉₉₉·z + √(1−ᾱ₉₉₉)·ε, the sampler loop with guidance and latent tiling, VAE
-   decode, uint8 rounding, colour fix, truncation.
+   √ᾱ_t·z + √(1−ᾱ_t)·ε with t = start_timestep (999; start_point "noise": ε alone, no
+   encode), the sampler loop without its steps at t > start_timestep, with guidance
+   (ControlNet residuals × conditioning_scale) and latent tiling, VAE decode, uint8
+   rounding, colour fix, truncation.
 5. PIL bicubic back to (upscale·w, upscale·h) when step 3 changed the size.
 
 Host steps (resizes, tags, tokens) run in numpy/PIL; the denoising loop, the text
@@ -49,9 +51,16 @@ from jaxsr.models.unet import UNet2DConditionModel
 from jaxsr.models.vae import AutoencoderKL
 from jaxsr.nn.resize import linear_matrix
 from jaxsr.parallel.mesh import make_mesh
-from jaxsr.pipelines.seesr_sampling import Networks, SamplingSettings, restore, start_coefficients
+from jaxsr.pipelines.seesr_sampling import (
+    Networks,
+    SamplingSettings,
+    restore,
+    skip_steps_above,
+    start_coefficients,
+)
 
 COLOR_FIXES = {"adain": "adain", "wavelet": "wavelet", "none": "nofix", "nofix": "nofix"}
+START_POINTS = ("lr", "noise")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -64,7 +73,11 @@ class SeeSROptions:
     guidance_scale: float = 5.5           # <= 1: no classifier-free guidance
     conditioning_scale: float = 1.0
     eta: float = 0.0                      # DDIM only
-    start_timestep: int = 999             # the LR latent is noised to this t
+    # test_seesr.py's --start_steps / --start_point (pipeline_seesr.py's arguments): the
+    # LR latent is noised to this t ("lr") or the start is pure noise ("noise"); either
+    # way the steps at t > start_timestep are skipped.
+    start_timestep: int = 999
+    start_point: str = "lr"
     color_fix: str = "adain"              # adain | wavelet | none
     prompt: str = ""
     added_prompt: str = "clean, high-resolution, 8k"
@@ -87,6 +100,8 @@ class SeeSROptions:
             problems.append(f"steps must be >= 1, got {self.steps}")
         if not 0 <= self.start_timestep < 1000:
             problems.append(f"start_timestep must be in [0, 1000), got {self.start_timestep}")
+        if self.start_point not in START_POINTS:
+            problems.append(f"start_point {self.start_point!r} is not one of lr, noise")
         if self.latent_tile < 8 or not 0 <= self.latent_tile_overlap < self.latent_tile:
             problems.append(f"latent tile {self.latent_tile} with overlap "
                             f"{self.latent_tile_overlap}: need tile >= 8, 0 <= overlap < tile")
@@ -113,7 +128,8 @@ class SeeSROptions:
 class Noises:
     """Explicit random draws (float32, NHWC latents) to replay a reference run.
 
-    posterior, initial: [B, h, w, c]; steps: [N, B, h, w, c] (N = options.steps);
+    posterior, initial: [B, h, w, c]; steps: [N, B, h, w, c] (N = the steps run:
+    options.steps less those at t > options.start_timestep);
     h, w = processed image size // 8.
     """
 
@@ -157,7 +173,8 @@ def sampling_settings(options: SeeSROptions, alphas_cumprod) -> SamplingSettings
         color_fix=COLOR_FIXES[options.color_fix],
         latent_tile=options.latent_tile, latent_tile_overlap=options.latent_tile_overlap,
         vae_encoder_tile=options.vae_encoder_tile,
-        vae_decoder_tile=options.vae_decoder_tile)
+        vae_decoder_tile=options.vae_decoder_tile,
+        start_from_noise=options.start_point == "noise")
 
 
 def pad_rows(x: np.ndarray, n: int, axis: int = 0) -> np.ndarray:
@@ -262,8 +279,9 @@ class SeeSRPipeline:
         return sampling_settings(options, self.alphas_cumprod)
 
     def _plan(self, options: SeeSROptions):
-        return make_sampler(options.sampler, self.weights.scheduler_config, options.steps,
+        plan = make_sampler(options.sampler, self.weights.scheduler_config, options.steps,
                             eta=options.eta, timestep_spacing=options.timestep_spacing)
+        return skip_steps_above(plan, options.start_timestep)
 
     def _run_bucket(self, images, ids, options, seed, noises):
         """One batch of same-bucket images → (uint8 outputs, positive prompts)."""

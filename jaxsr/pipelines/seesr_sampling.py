@@ -15,6 +15,11 @@ keys: [B] typed PRNG keys, one per image (unused when `noises` is given).
 noises: None, or explicit draws {"posterior": [B,h,w,c], "initial": [B,h,w,c],
   "steps": [N,B,h,w,c]} to replay a reference exactly.
 
+The start is pipeline_seesr.py's start_point: "lr" noises the LR latent to the start
+timestep (√ᾱ_t·z + √(1−ᾱ_t)·ε, its `add_noise`), "noise" starts from ε alone and
+encodes nothing (settings.start_from_noise). Either way the plan's steps at t above the
+start timestep are skipped, as that loop skips them (`skip_steps_above`).
+
 The facts (schedule, t=999 start, guidance, tiling, rounding) are SeeSR's
 `test_seesr.py`/`pipeline_seesr.py`; see the pipeline module's docstring.
 """
@@ -52,6 +57,7 @@ class SamplingSettings(NamedTuple):
     latent_tile_overlap: int
     vae_encoder_tile: int
     vae_decoder_tile: int
+    start_from_noise: bool = False   # start_point "noise": x_T = ε, the LR is not encoded
 
     @property
     def guided(self) -> bool:
@@ -142,9 +148,29 @@ def restore(nets: Networks, settings: SamplingSettings, params, plan: SamplerPla
     b, height, width, _ = control.shape
     lat_shape = (height // 8, width // 8, nets.vae.config.latent_channels)
     noise = noise_source(keys, noises, lat_shape)
-    x = lr_latent_start(nets, settings, params["vae"], control, noise)
+    if settings.start_from_noise:
+        # prepare_latents' draw (init_noise_sigma is 1 for SeeSR's samplers).
+        x = noise("initial", INITIAL_STREAM)
+    else:
+        x = lr_latent_start(nets, settings, params["vae"], control, noise)
     x = denoise(nets, settings, params, plan, x, control, text, ram, noise)
     return decode_and_fix(nets, settings, params["vae"], x, control)
+
+
+def skip_steps_above(plan: SamplerPlan, start_timestep: int) -> SamplerPlan:
+    """The plan without its steps at t > start_timestep, which pipeline_seesr.py's loop
+    passes over (`if t > start_steps: continue`); e.g. 50 DDPM steps and 500 keep the
+    25 steps from t = 481. The kept steps keep their tables (a DDPM or DDIM step does
+    not depend on the ones before it); DPM-Solver++'s first kept step is first order,
+    as diffusers' multistep solver takes it with an empty memory."""
+    first = int(np.count_nonzero(np.asarray(plan.timesteps) > start_timestep))
+    if first == 0:
+        return plan
+    kept = jax.tree.map(lambda table: table[first:], plan)    # every table is [N]
+    if kept.kind == "dpmpp" and kept.num_steps:
+        schedule = kept.schedule
+        kept = kept.replace(schedule=schedule.replace(d_coef=schedule.d_coef.at[0].set(0.0)))
+    return kept
 
 
 def start_coefficients(alphas_cumprod: np.ndarray, start_timestep: int) -> tuple[float, float]:
