@@ -4,7 +4,11 @@ JPEG, grayscale, a corrupt one, a text file), the PNGs written by the CLI compar
 with the PyTorch composition of CoSeR's scripts/inference.py
 (tests/coser_sampling_reference.py) on the same torch modules, with the noises the
 seed gives. One size bucket (an LR of 13×30 is reflect-padded to 16×32), one batch,
-one compile."""
+one compile. Slow: the scripts' options (--upscale, --sample-times, the tiled mode's
+--input-size, --patch-size, --patch-stride, --tiled-padding) through the CLI against
+the Python API on the same weights and files."""
+
+import zlib
 
 import jax
 import numpy as np
@@ -15,11 +19,12 @@ from PIL import Image
 from jaxsr.cli import main as cli_main
 from jaxsr.data.image_io import load_image
 from jaxsr.models.tokenizer import load_tokenizer, tokenize
-from jaxsr.pipelines.coser import NEGATIVE_PROMPT
+from jaxsr.pipelines.coser import NEGATIVE_PROMPT, CoSeROptions, CoSeRPipeline
 from jaxsr.pipelines.coser_sampling import draw_noises
 from tests import coser_sampling_reference as ref
 from tests.coser_release import ARCH, write_tiny_coser_release
 from tests.parity import nhwc_to_nchw, psnr_uint8
+from tests.test_cli_sr import assert_same_image
 
 STEPS, SEED = 3, 5
 GOOD = {"photo.png": (16, 32), "photo2.jpg": (13, 30), "gray.png": (16, 32)}
@@ -47,14 +52,23 @@ def env(tmp_path_factory):
     return root, inputs, modules, paths
 
 
-def sr(root, *args):
+def sr(root, *args, batch=3):
     argv = ["sr", *map(str, args), "--weights", str(root / "weights"), "--model", "coser",
             "--steps", str(STEPS), "--seed", str(SEED), "--color-fix", "adain",
-            "--decoder", "vae", "--devices", "1", "--batch-size", "3",
+            "--decoder", "vae", "--devices", "1", "--batch-size", str(batch),
             # Off: JAX sets up its persistent cache once per process, and the SeeSR CLI
             # test checks that its own cache folder fills.
             "--compile-cache", ""]
     return cli_main(argv)
+
+
+# `sr`'s settings as CoSeR options of the Python API.
+FAST = dict(steps=STEPS, color_fix="adain", decoder="vae")
+
+
+def _api(root):
+    return CoSeRPipeline.from_pretrained(root / "weights", dtype="float32",
+                                         devices=jax.devices()[:1])
 
 
 def _torch_result(lr_uint8, modules, tokenizer_dir):
@@ -110,7 +124,62 @@ def test_coser_cli_matches_torch_and_reports_bad_files(env, capsys, tmp_path):
 
     # A rerun skips the finished inputs (and reports the bad ones again).
     assert sr(root, inputs, "--output", out) == 1
-    assert "skipping 3 input(s)" in capsys.readouterr().err
+    assert "skipping 3 output(s)" in capsys.readouterr().err
+
+
+@pytest.mark.slow       # the CLI's and the API's reference-mode programs: about 3 min
+def test_coser_upscale_and_sample_times_match_the_api(env, capsys, tmp_path):
+    """--upscale 2 --sample-times 2 in reference mode against the Python API: inference.py
+    samples at 2× (the 16×32 and 13×30 LRs reflect-padded to 32×32, whose 2× is a
+    multiple of 64); with 2 samples each output draws from the stream of its name
+    (fold_in(key(seed), crc32(name))), so the samples differ."""
+    root, inputs, _, _ = env
+    out = tmp_path / "out"
+    files = [inputs / "photo.png", inputs / "photo2.jpg"]
+    assert sr(root, *files, "--output", out, "--upscale", "2", "--sample-times", "2",
+              "--save-reference", batch=4) == 0
+    names = ["photo-s0.png", "photo-s1.png", "photo2-s0.png", "photo2-s1.png"]
+    assert sorted(p.name for p in out.glob("*.png")) == names
+    pipe = _api(root)
+    options = CoSeROptions(**FAST, upscale=2)
+    assert [pipe.bucket_key(hw, options) for hw in GOOD.values()] == [("reference", 32, 32)] * 3
+    images = [load_image(f) for f in files for _ in range(2)]
+    want, want_refs = pipe.upscale(images, options=options, seed=SEED,
+                                   ids=[zlib.crc32(n.encode()) for n in names], batch_size=4,
+                                   return_references=True)
+    got = [np.asarray(Image.open(out / n)) for n in names]
+    with capsys.disabled():
+        for name, image, a, b, ref_b in zip(names, images, got, want, want_refs):
+            assert a.shape == (2 * image.shape[0], 2 * image.shape[1], 3)
+            assert_same_image(a, b, name)
+            assert_same_image(np.asarray(Image.open(out / "reference" / name)), ref_b,
+                               f"reference/{name}")
+    assert psnr_uint8(got[0], got[1]) < 30 and psnr_uint8(got[2], got[3]) < 30
+
+
+@pytest.mark.slow       # the CLI's and the API's tiled programs: about 3 min
+def test_coser_tiled_options_match_the_api(env, capsys, tmp_path):
+    """--mode tiled with --upscale 3 --input-size 64 --patch-size 96 --patch-stride 64
+    --tiled-padding script (and small latent tiles) against the Python API. A 20×12 LR:
+    s = max(64/12, 3) = 5.33 -> 106×64; the script pads both sides (128×96, the 64 side
+    too), two 96×96 patches at rows 0 and 32, and resizes to int(128·3/5.33) ×
+    int(96·3/5.33) = 72×54 (exact padding would give 60×36)."""
+    root, _, _, _ = env
+    lr = _rgb(9, (20, 12))
+    Image.fromarray(lr).save(tmp_path / "tall.png")
+    out = tmp_path / "out"
+    flags = ["--mode", "tiled", "--upscale", "3", "--input-size", "64", "--patch-size", "96",
+             "--patch-stride", "64", "--tiled-padding", "script", "--latent-tile", "8",
+             "--latent-tile-overlap", "4"]
+    assert sr(root, tmp_path / "tall.png", "--output", out, *flags, batch=2) == 0
+    got = np.asarray(Image.open(out / "tall.png"))
+    options = CoSeROptions(**FAST, mode="tiled", upscale=3, input_size=64, patch_size=96,
+                           patch_stride=64, tiled_padding="script", latent_tile=8,
+                           latent_tile_overlap=4)
+    [want] = _api(root).upscale([lr], options=options, seed=SEED, batch_size=2)
+    assert got.shape == (72, 54, 3)
+    with capsys.disabled():
+        assert_same_image(got, want, "tiled, script padding, upscale 3")
 
 
 def test_coser_flags_and_folder_are_checked(env, capsys, tmp_path):

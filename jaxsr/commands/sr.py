@@ -1,4 +1,4 @@
-"""`jaxsr sr`: super-resolve image files with SeeSR or CoSeR (4x).
+"""`jaxsr sr`: super-resolve image files with SeeSR or CoSeR (4x, or --upscale N).
 
     jaxsr sr INPUT... --weights DIR --output DIR [options]
     jaxsr sr INPUT... --model coser --weights DIR --output DIR --save-reference
@@ -9,15 +9,21 @@ patterns. WEIGHTS: a folder written by `jaxsr convert --sd ... --seesr ... --ram
 --model defaults to the folder's. Every input is written as <output>/<stem>.png;
 inputs sharing a stem keep their extension (a.jpg.png, a.png.png). With CoSeR,
 --save-reference also writes the reference image CoSeR generated as
-<output>/reference/<stem>.png (none in tiled mode, which generates none). An input
-whose output already exists is skipped unless --overwrite, so an interrupted run
-resumes where it stopped.
+<output>/reference/<stem>.png (none in tiled mode, which generates none). With
+--sample-times K every input gets K outputs, <stem>-s0.png ... <stem>-s{K-1}.png
+(0-based, as test_seesr.py's sample00, sample01, ... folders), each its own output
+with its own random stream. With SeeSR, --save-prompts writes the positive prompt
+used beside each output (<stem>.txt, test_seesr.py's txt/<stem>.txt). An output that
+already exists is skipped unless --overwrite, so an interrupted run resumes where it
+stopped, output by output.
 
 SeeSR results depend on the seed, the output name and the device count only: an
 input draws its noise from fold_in(key(seed), crc32(output file name)), whatever the
 batching and whatever other inputs the run has. CoSeR reseeds before every image as
-its scripts do (default seed 2887): every input draws from key(seed). Images are
-grouped by processed size, so each size compiles once.
+its scripts do (default seed 2887): every input draws from key(seed); only with
+--sample-times > 1 does each output draw from fold_in(key(seed), crc32(output name)),
+as SeeSR's, so that the samples differ. Images are grouped by processed size, so each
+size compiles once.
 
 With several JAX processes (--coordinator/--num-processes/--process-id, or
 --distributed on a detected cluster), process p of n takes inputs p, p+n, p+2n, ...
@@ -98,7 +104,32 @@ def register(sub) -> None:
     s.add_argument("--negative-prompt",
                    help="default SeeSR's 'dotted, noise, blur, lowres, smooth' or CoSeR's list")
     s.add_argument("--process-size", type=_positive_int,
-                   help="inputs with a side below process_size/4 are enlarged first (default 512)")
+                   help="inputs with a side below process_size // upscale are enlarged first "
+                        "(default 512)")
+    s.add_argument("--upscale", type=_positive_int,
+                   help="output scale N, the scripts' --upscale (default 4). SeeSR: the input "
+                        "is enlarged N times (after the process-size enlargement) and the "
+                        "result resized to N times the input. CoSeR: reference mode samples "
+                        "at N times the (padded) input, as inference.py; tiled mode enlarges "
+                        "by max(input_size / short side, N), as inference_tile.py")
+    s.add_argument("--sample-times", type=_positive_int, default=1,
+                   help="K outputs per input (test_seesr.py's --sample_times), written as "
+                        "<stem>-s0.png ... <stem>-s{K-1}.png, each from its own random "
+                        "stream (default 1: <stem>.png)")
+    s.add_argument("--conditioning-scale", type=float,
+                   help="SeeSR: the ControlNet residuals' scale (test_seesr.py's "
+                        "--conditioning_scale, default 1.0)")
+    s.add_argument("--start-steps", type=int,
+                   help="SeeSR: the timestep the LR latent is noised to; the steps at t above "
+                        "it are skipped (pipeline_seesr.py's start_steps; default 999, which "
+                        "skips none)")
+    s.add_argument("--start-point", choices=("lr", "noise"),
+                   help="SeeSR: start from the noised LR latent (lr, default) or from pure "
+                        "noise, without encoding the LR (test_seesr.py's --start_point)")
+    s.add_argument("--save-prompts", action="store_true",
+                   help="SeeSR: write the positive prompt used (DAPE tags + prompt + added "
+                        "prompt) beside each output as <stem>.txt (test_seesr.py's "
+                        "--save_prompts)")
 
     c = p.add_argument_group("CoSeR")
     c.add_argument("--reference-guidance", type=float,
@@ -112,6 +143,22 @@ def register(sub) -> None:
                         "(default): tiled above a 512x512 output")
     c.add_argument("--save-reference", action="store_true",
                    help="also write the generated reference image to OUTPUT/reference/")
+    c.add_argument("--input-size", type=_positive_int,
+                   help="tiled mode: the short side is enlarged to this (inference_tile.py's "
+                        "--input_size, default 512; the script also takes input_size / 8 as "
+                        "its latent tile, here --latent-tile)")
+    c.add_argument("--patch-size", type=_positive_int,
+                   help="tiled mode: pixel patch side, a multiple of 32 (inference_tile.py's "
+                        "--vqgantile_size, default 1280)")
+    c.add_argument("--patch-stride", type=_positive_int,
+                   help="tiled mode: pixel stride between patches (inference_tile.py's "
+                        "--vqgantile_stride, default 1000)")
+    c.add_argument("--tiled-padding", choices=("exact", "script"),
+                   help="tiled mode: exact (default) pads the enlarged image to the next "
+                        "multiple of 32 and ends at exactly N times the input; script does "
+                        "as inference_tile.py: a side already a multiple of 32 is padded by "
+                        "32 more when the other is not, and the final resize is sized from "
+                        "the padded image (a 50x70 input gives 212x287, not 200x280)")
 
     t = p.add_argument_group("tiling (bounds memory on large images)")
     t.add_argument("--latent-tile", type=_positive_int,
@@ -148,6 +195,8 @@ _OPTION_FIELDS = {
     "negative_prompt": "negative_prompt", "process_size": "process_size",
     "latent_tile": "latent_tile", "latent_tile_overlap": "latent_tile_overlap",
     "vae_encoder_tile": "vae_encoder_tile", "vae_decoder_tile": "vae_decoder_tile",
+    "upscale": "upscale", "conditioning_scale": "conditioning_scale",
+    "start_steps": "start_timestep", "start_point": "start_point",
 }
 
 
@@ -157,11 +206,15 @@ _COSER_FIELDS = {
     "reference_guidance": "reference_guidance_scale", "color_fix": "color_fix",
     "prompt": "prompt", "negative_prompt": "negative_prompt", "decoder": "decoder",
     "fusion_weight": "fusion_weight", "mode": "mode", "latent_tile": "latent_tile",
-    "latent_tile_overlap": "latent_tile_overlap",
+    "latent_tile_overlap": "latent_tile_overlap", "upscale": "upscale",
+    "input_size": "input_size", "patch_size": "patch_size", "patch_stride": "patch_stride",
+    "tiled_padding": "tiled_padding",
 }
 _SEESR_ONLY = ("turbo", "sampler", "added_prompt", "process_size", "vae_encoder_tile",
-               "vae_decoder_tile")
-_COSER_ONLY = ("reference_guidance", "decoder", "fusion_weight", "mode", "save_reference")
+               "vae_decoder_tile", "conditioning_scale", "start_steps", "start_point",
+               "save_prompts")
+_COSER_ONLY = ("reference_guidance", "decoder", "fusion_weight", "mode", "save_reference",
+               "input_size", "patch_size", "patch_stride", "tiled_padding")
 
 
 def _given(args, dest: str) -> bool:
@@ -243,6 +296,15 @@ def _load_pipeline(args, model: str):
             from None
 
 
+def _save_prompt(path: Path, prompt: str) -> None:
+    """The prompt file, written before its image so that a run stopped in between
+    redoes both: exactly the prompt, no newline (as test_seesr.py writes it)."""
+    try:
+        path.write_text(prompt, encoding="utf-8")
+    except OSError as e:
+        raise ImageError(f"{path}: cannot write ({e})") from e
+
+
 def _out_of_memory(e: Exception) -> bool:
     return "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
 
@@ -269,19 +331,24 @@ def run(args) -> int:
               file=sys.stderr)
     if not found.files and not found.missing:
         print("note: no input files found", file=sys.stderr)
-    jobs = for_process(plan_jobs(found.files, args.output),
+    jobs = for_process(plan_jobs(found.files, args.output, samples=args.sample_times),
                        jax.process_index(), jax.process_count())
     todo, done = split_done(jobs, args.overwrite)
     if done:
-        print(f"skipping {len(done)} input(s) whose output exists in {args.output} "
+        print(f"skipping {len(done)} output(s) that exist in {args.output} "
               "(--overwrite redoes them)", file=sys.stderr)
-    sized = []                    # header pass: sizes only, nothing decoded yet
+    sized, sizes = [], {}         # header pass: sizes only, nothing decoded yet
     for job in todo:
-        try:
-            sized.append((job, read_size(job.source)))
-        except ImageError as e:
-            _fail(str(e))
+        if job.source not in sizes:      # several samples of one input: read it once
+            try:
+                sizes[job.source] = read_size(job.source)
+            except ImageError as e:
+                sizes[job.source] = None
+                _fail(str(e))
+        if sizes[job.source] is None:
             failed += 1
+        else:
+            sized.append((job, sizes[job.source]))
     written = 0
     if sized:
         configure_compile_cache(args.compile_cache)
@@ -297,13 +364,18 @@ def run(args) -> int:
 
 
 def _upscale(pipe, model: str, images, chunk, options, args):
-    """-> (SR images, reference images or Nones) of one batch."""
+    """-> (SR images, reference images or Nones, positive prompts or Nones) of one batch."""
     if model == "coser":
-        return pipe.upscale(images, options=options, seed=args.seed, batch_size=len(chunk),
-                            return_references=True)
-    results = pipe.upscale(images, options=options, seed=args.seed,
-                           ids=[j.stream for j in chunk], batch_size=len(chunk))
-    return results, [None] * len(results)
+        # One output per input: key(seed) for every image, as the scripts. Several
+        # samples: each output name's stream, or they would all be the same image.
+        ids = [j.stream for j in chunk] if args.sample_times > 1 else None
+        results, references = pipe.upscale(images, options=options, seed=args.seed, ids=ids,
+                                           batch_size=len(chunk), return_references=True)
+        return results, references, [None] * len(results)
+    results, prompts = pipe.upscale(images, options=options, seed=args.seed,
+                                    ids=[j.stream for j in chunk], batch_size=len(chunk),
+                                    return_prompts=True)
+    return results, [None] * len(results), prompts
 
 
 def _process(pipe, sized, options, args, model: str = "seesr") -> tuple[int, int]:
@@ -319,18 +391,21 @@ def _process(pipe, sized, options, args, model: str = "seesr") -> tuple[int, int
         height, width = key[-2:]            # SeeSR: (H, W); CoSeR: (mode, H, W)
         for start in range(0, len(members), batch_size):
             batch = members[start:start + batch_size]
-            chunk, images = [], []
+            chunk, images, loaded = [], [], {}
             for job in batch:
                 try:
-                    images.append(load_image(job.source))
+                    if job.source not in loaded:      # the samples of an input share it
+                        loaded[job.source] = load_image(job.source)
+                    images.append(loaded[job.source])
                     chunk.append(job)
                 except ImageError as e:
                     _fail(str(e))
                     failed += 1
-            results, references = [], []
+            results, references, prompts = [], [], []
             if chunk:
                 try:
-                    results, references = _upscale(pipe, model, images, chunk, options, args)
+                    results, references, prompts = _upscale(pipe, model, images, chunk,
+                                                            options, args)
                 except Exception as e:                   # noqa: BLE001 - reported per file
                     if not _out_of_memory(e):
                         raise
@@ -338,13 +413,15 @@ def _process(pipe, sized, options, args, model: str = "seesr") -> tuple[int, int
                         _fail(f"{job.source}: out of device memory at {width}x{height} "
                               "(try --batch-size 1 or smaller tiles)")
                     failed += len(chunk)
-            for job, image, reference in zip(chunk, results, references):
+            for job, image, reference, prompt in zip(chunk, results, references, prompts):
                 try:
                     if reference is not None and getattr(args, "save_reference", False):
                         folder = job.output.parent / REFERENCE_FOLDER
                         folder.mkdir(exist_ok=True)
                         save_image(folder / job.output.name, reference)
-                    save_image(job.output, image)   # last: its presence marks the input done
+                    if prompt is not None and getattr(args, "save_prompts", False):
+                        _save_prompt(job.output.with_suffix(".txt"), prompt)
+                    save_image(job.output, image)   # last: its presence marks the output done
                     written += 1
                 except ImageError as e:
                     _fail(f"{job.source}: {e}")

@@ -19,7 +19,13 @@ Output names. `<output>/<stem>.png`, unless several inputs share a stem (compare
 case-insensitively, as on macOS/Windows file systems): those keep their extension,
 `a.jpg.png` and `a.png.png`. A name that is still taken (the same file name in two
 folders, or an input literally called `a.jpg.png`) gets `.2`, `.3`, ... before `.png`
-in input order: `a.png.2.png`.
+in input order: `a.png.2.png`. With several samples per input (`jaxsr sr
+--sample-times K`) every input has K jobs, one per output `<name>-s0.png` ...
+`<name>-s{K-1}.png` (<name> the single-sample name without `.png`). Each is planned,
+skipped when done and given its random stream on its own: the stream comes from the
+output name, so the samples differ and an interrupted run redoes only missing ones.
+These names cannot collide, since the last `-s<digits>` of a name gives its
+single-sample name back.
 """
 
 from __future__ import annotations
@@ -137,11 +143,24 @@ def output_names(files: Sequence[Path]) -> list[str]:
     return names
 
 
-def plan_jobs(files: Sequence[Path], output_dir: str | os.PathLike) -> list[Job]:
-    """Pair every input with its index and output path."""
+def sample_names(name: str, samples: int) -> list[str]:
+    """An input's output names: [name] for one sample, else name-s0.png ... (0-based, as
+    test_seesr.py's sample00, sample01, ... folders)."""
+    if samples == 1:
+        return [name]
+    return [f"{name[:-len('.png')]}-s{k}.png" for k in range(samples)]
+
+
+def plan_jobs(files: Sequence[Path], output_dir: str | os.PathLike,
+              samples: int = 1) -> list[Job]:
+    """Pair every input with its index and output paths: `samples` jobs per input, in
+    input order, its samples together."""
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
     out = Path(output_dir)
-    return [Job(index=i, source=f, output=out / name)
-            for i, (f, name) in enumerate(zip(files, output_names(files)))]
+    return [Job(index=i, source=f, output=out / sample)
+            for i, (f, name) in enumerate(zip(files, output_names(files)))
+            for sample in sample_names(name, samples)]
 
 
 def for_process(jobs: Sequence[Job], process_index: int, process_count: int) -> list[Job]:
