@@ -17,7 +17,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from jaxsr.diffusion.samplers import make_sampler, sampler_init, sampler_step
 from jaxsr.pipelines.seesr import SeeSROptions, SeeSRPipeline
 from jaxsr.pipelines.seesr_sampling import skip_steps_above
-from tests.parity import psnr_uint8
+from tests.parity import assert_within_levels, psnr_uint8
 from tests.test_convert_seesr_cli import _convert, write_tiny_release
 from tests.test_schedulers import (
     SD2_BASE,
@@ -108,14 +108,17 @@ def test_outputs_are_4x_and_reproducible(pipe):
     assert all(o.dtype == np.uint8 for o in out)
     assert all(p.endswith(", ,clean, high-resolution, 8k") for p in prompts)
     again = pipe.upscale(ims, options=FAST, seed=3, batch_size=1)
-    for a, b in zip(out, again):           # batching does not change a result
-        np.testing.assert_array_equal(a, b)
+    # Batching does not change a result beyond float32 rounding (programs of another
+    # batch size may round a value to the other side of a level boundary).
+    for a, b in zip(out, again):
+        assert_within_levels(a, b, what="batch 3 vs batch 1")
     other_seed = pipe.upscale(ims[:1], options=FAST, seed=4)[0]
     other_id = pipe.upscale(ims[:1], options=FAST, seed=3, ids=[1])[0]
     assert not np.array_equal(other_seed, out[0])
     # ids pick the random stream: image 0 with id 1 equals image 1's stream on image 0's pixels
     assert not np.array_equal(other_id, out[0])
-    assert pipe.upscale([ims[1]], options=FAST, seed=3, ids=[1])[0].tobytes() == out[1].tobytes()
+    assert_within_levels(pipe.upscale([ims[1]], options=FAST, seed=3, ids=[1])[0], out[1],
+                         what="id 1 alone vs in a batch")
 
 
 def test_pil_inputs_of_any_mode(pipe):
