@@ -35,7 +35,12 @@ def time_alternating(fns: dict, *, warmup: int, repeats: int) -> dict[str, list[
 def environment() -> dict:
     import jax
 
+    from jaxsr.platform import auto_compute_dtype, cpu_model_and_flags
+
+    cpu_model, cpu_flags = cpu_model_and_flags()
     env = {"python": platform.python_version(), "machine": platform.machine(),
+           "cpu_model": cpu_model or platform.processor(), "cpu_flags": cpu_flags,
+           "auto_dtype": auto_compute_dtype(jax.default_backend()),
            "cpu_count": os.cpu_count(), "jax": jax.__version__,
            "jax_backend": jax.default_backend(),
            "devices": [d.device_kind for d in jax.devices()],

@@ -31,3 +31,52 @@ def configure_xla_defaults() -> str:
             flags = f"{flags} {name}={value}".strip()
     os.environ["XLA_FLAGS"] = flags
     return flags
+
+
+# --------------------------------------------------------------- compute dtype choice
+
+# CPU features that give bfloat16 matmuls native instructions: x86's AVX512_BF16 and
+# AMX-BF16, ARMv8.6's BF16 (/proc/cpuinfo "flags" on x86, "Features" on ARM). Without
+# them XLA:CPU emulates bfloat16 dots through float32 and runs them slower than
+# float32 itself (benchmarks/sr_memory.py records both on the CPU at hand).
+NATIVE_BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def cpu_model_and_flags() -> tuple[str, list[str]]:
+    """(model name, feature flags) of the first CPU in /proc/cpuinfo; ("", []) where
+    there is none (macOS, Windows)."""
+    model, flags = "", []
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return model, flags
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if key in ("model name", "cpu model", "hardware") and not model:
+            model = value.strip()
+        elif key in ("flags", "features") and not flags:
+            flags = value.split()
+    return model, flags
+
+
+def auto_compute_dtype(backend: str | None = None) -> str:
+    """"bfloat16" on accelerators and on CPUs with native bfloat16, else "float32".
+
+    backend: jax.default_backend() (asked when not given)."""
+    if backend is None:
+        import jax
+
+        backend = jax.default_backend()
+    if backend != "cpu":
+        return "bfloat16"
+    return "bfloat16" if NATIVE_BF16_CPU_FLAGS & set(cpu_model_and_flags()[1]) else "float32"
+
+
+def resolve_compute_dtype(name: str) -> str:
+    """"auto" → `auto_compute_dtype()`; "float32" / "bfloat16" as given."""
+    if name == "auto":
+        return auto_compute_dtype()
+    if name not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be auto, float32 or bfloat16, not {name!r}")
+    return name

@@ -56,6 +56,8 @@ def sr(root, *args, batch=3):
     argv = ["sr", *map(str, args), "--weights", str(root / "weights"), "--model", "coser",
             "--steps", str(STEPS), "--seed", str(SEED), "--color-fix", "adain",
             "--decoder", "vae", "--devices", "1", "--batch-size", str(batch),
+            # Explicit: the default (auto) is bfloat16 on CPUs with native bfloat16.
+            "--dtype", "float32",
             # Off: JAX sets up its persistent cache once per process, and the SeeSR CLI
             # test checks that its own cache folder fills.
             "--compile-cache", ""]

@@ -9,10 +9,12 @@ def is_user_error(e: BaseException) -> bool:
     user_types: tuple[type, ...] = (ConversionError, FileNotFoundError, FileExistsError,
                                     NotADirectoryError,
                                     IsADirectoryError, PermissionError, ValueError)
+    from jaxsr.pipelines.memory import InsufficientMemoryError
     from jaxsr.train.checkpoint import RestoreError
 
-    # A NaN loss and an unusable checkpoint stop training with a message, not a trace.
-    user_types += (RestoreError, FloatingPointError)
+    # A NaN loss and an unusable checkpoint stop training with a message, not a trace;
+    # weights that would not fit in memory are refused before loading, with what to try.
+    user_types += (RestoreError, FloatingPointError, InsufficientMemoryError)
     try:
         from jaxsr.convert.readers import CheckpointReadError
 

@@ -173,11 +173,14 @@ def register(sub) -> None:
                    help="images per compiled call (default: the number of devices)")
     r.add_argument("--devices", type=_positive_int,
                    help="use the first N local devices (default: all)")
-    r.add_argument("--dtype", choices=("float32", "bfloat16"),
-                   help="compute dtype of the UNet, ControlNet and text encoder (default "
-                        "SeeSR bfloat16, CoSeR float32, its released precision: the hard "
-                        "reference attention's argmax is sensitive to rounding); the VAE, "
-                        "DAPE and the cognitive encoder run in float32")
+    r.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="compute dtype of the UNet, ControlNet and text encoder, which also "
+                        "hold their weights in it; auto (default): bfloat16 on GPUs, TPUs "
+                        "and CPUs with native bfloat16 (AVX512_BF16, AMX, ARM BF16), float32 "
+                        "on other CPUs, where bfloat16 is emulated and slower. The VAE, DAPE "
+                        "and the cognitive encoder run in float32. CoSeR's released "
+                        "precision is float32: its hard reference attention's argmax is "
+                        "sensitive to rounding")
     r.add_argument("--attention", default="auto", choices=("auto", "xla", "dpa", "cudnn"),
                    help="attention kernel (default auto)")
     r.add_argument("--compile-cache", metavar="DIR",
@@ -287,10 +290,9 @@ def _load_pipeline(args, model: str):
         from jaxsr.pipelines.coser import CoSeRPipeline as Pipeline
     else:
         from jaxsr.pipelines.seesr import SeeSRPipeline as Pipeline
-    dtype = args.dtype or ("float32" if model == "coser" else "bfloat16")
     try:
-        return Pipeline.from_pretrained(args.weights, dtype=dtype, attention=args.attention,
-                                        devices=devices)
+        return Pipeline.from_pretrained(args.weights, dtype=args.dtype,
+                                        attention=args.attention, devices=devices)
     except KeyError as e:          # a manifest naming a module whose files are gone
         raise ValueError(f"{args.weights} is incomplete ({e}); run `jaxsr convert` again") \
             from None

@@ -23,7 +23,7 @@ import numpy as np
 from flax import traverse_util
 
 import jaxsr
-from jaxsr.convert.readers import read_safetensors
+from jaxsr.convert.readers import SafetensorsFile
 from jaxsr.convert.safetensors_io import write_safetensors
 
 FORMAT = "jaxsr-weights"
@@ -105,10 +105,14 @@ def read_manifest(folder) -> dict:
     return manifest
 
 
-def load_converted(folder, modules=None, *, check_sources: str = "warn") -> dict:
-    """{name: (config dict, Flax params as numpy)} for the requested modules (default all).
+def load_converted(folder, modules=None, *, check_sources: str = "warn", leaf=None) -> dict:
+    """{name: (config dict, Flax params)} for the requested modules (default all).
 
     Only reads the stored arrays (in the dtype they were saved in): no torch, no renames.
+    Tensors are read one at a time; `leaf(module, key, array)`, when given, turns each
+    into what the tree holds (e.g. a device array in the compute dtype) before the
+    next is read, so the host never holds more than one tensor of a module beyond
+    what `leaf` keeps. Without it the tree holds the numpy arrays.
     check_sources: what to do if a source file still present changed since conversion
       (size or mtime differ and then the sha256 too; an unchanged stat costs no hashing):
       "warn" (StaleWeightsWarning), "raise" (StaleWeightsError) or "ignore".
@@ -126,17 +130,38 @@ def load_converted(folder, modules=None, *, check_sources: str = "warn") -> dict
             if check_sources == "raise":
                 raise StaleWeightsError(msg)
             warnings.warn(msg, StaleWeightsWarning, stacklevel=2)
-    names = list(manifest["modules"]) if modules is None else list(modules)
     out = {}
+    for name in _module_names(folder, manifest, modules):
+        entry = manifest["modules"][name]
+        flat = {}
+        with SafetensorsFile(folder / entry["file"]) as f:
+            for key in f.keys():
+                array = f.read(key)
+                flat[key] = array if leaf is None else leaf(name, key, array)
+                del array
+        out[name] = (entry["config"], traverse_util.unflatten_dict(flat, sep="/"))
+    return out
+
+
+def tensor_info(folder, modules=None) -> dict[str, dict[str, tuple[np.dtype, tuple]]]:
+    """{module: {key: (stored dtype, shape)}} from the files' headers alone (no data
+    read): what a memory estimate needs before loading."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    out = {}
+    for name in _module_names(folder, manifest, modules):
+        with SafetensorsFile(folder / manifest["modules"][name]["file"]) as f:
+            out[name] = {key: f.info(key) for key in f.keys()}
+    return out
+
+
+def _module_names(folder: Path, manifest: dict, modules) -> list[str]:
+    names = list(manifest["modules"]) if modules is None else list(modules)
     for name in names:
         if name not in manifest["modules"]:
             raise KeyError(f"{folder} has no module {name!r} (it has "
                            f"{', '.join(manifest['modules'])})")
-        entry = manifest["modules"][name]
-        flat = read_safetensors(folder / entry["file"])
-        out[name] = (entry["config"], traverse_util.unflatten_dict(
-            {k: np.asarray(v) for k, v in flat.items()}, sep="/"))
-    return out
+    return names
 
 
 def stale_sources(manifest: dict, *, full: bool = False) -> list[str]:

@@ -426,14 +426,17 @@ class CoSeRWeights:
     tokenizer_dir: Path | None
 
 
-def load_coser_folder(folder, *, check_sources: str = "warn") -> CoSeRWeights:
-    """A folder written by `jaxsr convert --coser ...` (no torch, no renames)."""
+def load_coser_folder(folder, *, check_sources: str = "warn", leaf=None) -> CoSeRWeights:
+    """A folder written by `jaxsr convert --coser ...` (no torch, no renames).
+
+    leaf: see `load_converted` (e.g. places each tensor on the devices as it is read).
+    """
     folder = Path(folder)
     manifest = read_manifest(folder)
     if manifest.get("model") != MODEL:
         raise ValueError(f"{folder} holds {manifest.get('model', 'SD2')!r} weights, not "
                          "CoSeR's; convert with --coser, --qformer and --sd")
-    modules = load_converted(folder, check_sources=check_sources)
+    modules = load_converted(folder, check_sources=check_sources, leaf=leaf)
     configs = {name: cfg for name, (cfg, _) in modules.items()}
     arch = CoSeRArchitecture.from_module_configs(configs)
     cfw = None

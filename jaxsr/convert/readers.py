@@ -81,6 +81,100 @@ def read_safetensors(path) -> dict:
     return _read_safetensors_raw(path)
 
 
+class SafetensorsFile:
+    """A .safetensors file read one tensor at a time, with plain reads into fresh arrays.
+
+        with SafetensorsFile(path) as f:
+            for key in f.keys():
+                array = f.read(key)          # dtype and shape as stored
+
+    safetensors' own reader maps the file, and every page it touched stays resident
+    until the file is closed: reading a 4.5 GB UNet tensor by tensor that way leaves
+    4.5 GB resident. Here a tensor costs its own size while it is alive and nothing
+    after, so weights can stream from disk to the devices. The header is checked
+    as the library checks it (known dtypes, sizes that match the shapes, byte ranges
+    that tile the data exactly); CheckpointReadError names the file otherwise.
+    """
+
+    _MAX_HEADER = 100 << 20
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self._file = open(self.path, "rb")
+        try:
+            self._entries, self._data_start = self._parse_header()
+        except Exception:
+            self._file.close()
+            raise
+
+    def _damaged(self, why: str) -> CheckpointReadError:
+        return CheckpointReadError(f"{self.path}: not a readable safetensors file, damaged or "
+                                   f"truncated ({why})")
+
+    def _parse_header(self):
+        size = self.path.stat().st_size
+        head = self._file.read(8)
+        if len(head) < 8:
+            raise self._damaged("shorter than its header length")
+        n = int.from_bytes(head, "little")
+        if n > min(size - 8, self._MAX_HEADER):
+            raise self._damaged(f"header length {n} exceeds the file")
+        try:
+            header = json.loads(self._file.read(n))
+        except ValueError as e:
+            raise self._damaged(f"header is not JSON: {e}") from None
+        if not isinstance(header, dict):
+            raise self._damaged("header is not a JSON object")
+        header.pop("__metadata__", None)
+        entries, spans = {}, []
+        for key, info in header.items():
+            try:
+                dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
+                shape = tuple(int(d) for d in info["shape"])
+                begin, end = (int(o) for o in info["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise self._damaged(f"tensor {key!r} has a bad entry {info!r}") from None
+            if min(shape, default=0) < 0 or end - begin != int(np.prod(shape)) * dtype.itemsize:
+                raise self._damaged(f"tensor {key!r}: {end - begin} bytes for shape {shape}")
+            entries[key] = (dtype, shape, begin)
+            spans.append((begin, end))
+        covered = 0
+        for begin, end in sorted(spans):
+            if begin != covered:
+                raise self._damaged(f"tensor byte ranges overlap or leave a gap at {covered}")
+            covered = end
+        if 8 + n + covered != size:
+            raise self._damaged(f"the tensors need {8 + n + covered} bytes, the file has {size}")
+        return entries, 8 + n
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def info(self, key: str) -> tuple[np.dtype, tuple[int, ...]]:
+        """(dtype, shape) of a tensor, from the header alone."""
+        dtype, shape, _ = self._entries[key]
+        return dtype, shape
+
+    def read(self, key: str) -> np.ndarray:
+        dtype, shape, begin = self._entries[key]
+        out = np.empty(shape, dtype)
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        self._file.seek(self._data_start + begin)
+        got = self._file.readinto(view)
+        if got != out.nbytes:
+            raise self._damaged(f"tensor {key!r} ends early")
+        return out
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> SafetensorsFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def _read_safetensors_raw(path: Path) -> dict:
     """Fallback for safetensors releases that cannot name bfloat16 for numpy."""
     try:

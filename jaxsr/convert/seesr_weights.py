@@ -50,6 +50,14 @@ class SeeSRWeights:
     scheduler_config: dict
     tokenizer_dir: Path | None
 
+    def configs_only(self) -> SeeSRWeights:
+        """The same description with the parameter trees dropped (None): what a
+        pipeline keeps once the arrays live on its devices."""
+        drop = lambda pair: (pair[0], None)
+        return dataclasses.replace(
+            self, unet=drop(self.unet), controlnet=drop(self.controlnet), vae=drop(self.vae),
+            text_encoder=drop(self.text_encoder), dape=drop(self.dape))
+
 
 def _tag_files(ram: Path, tags, thresholds) -> tuple[Path | None, Path | None]:
     """Explicit files, else the ones beside the RAM checkpoint, else None (packaged)."""
@@ -153,14 +161,17 @@ def _check_compatible(unet_cfg, cn_cfg, text_cfg, dape_cfg) -> None:
         raise ValueError("the checkpoints do not belong together: " + "; ".join(problems))
 
 
-def load_seesr_folder(folder) -> SeeSRWeights:
-    """A folder written by `jaxsr convert --seesr ...` (no torch, no renames)."""
+def load_seesr_folder(folder, *, leaf=None) -> SeeSRWeights:
+    """A folder written by `jaxsr convert --seesr ...` (no torch, no renames).
+
+    leaf: see `load_converted` (e.g. places each tensor on the devices as it is read).
+    """
     folder = Path(folder)
     manifest = read_manifest(folder)
     if manifest.get("model") != "seesr":
         raise ValueError(f"{folder} holds {manifest.get('model', 'SD2')!r} weights, not SeeSR's; "
                          "convert with --seesr, --ram and --dape")
-    m = load_converted(folder)
+    m = load_converted(folder, leaf=leaf)
     tok = folder / "tokenizer"
     return SeeSRWeights(
         unet=(UNetConfig.from_diffusers_config(m["unet"][0]), m["unet"][1]),

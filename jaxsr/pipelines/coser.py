@@ -53,6 +53,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxsr.convert.cache import tensor_info
 from jaxsr.convert.coser_weights import CoSeRWeights, load_coser_folder
 from jaxsr.diffusion.respace import respaced_schedule
 from jaxsr.models.cfw_vae import CFWAutoencoderKL
@@ -64,6 +65,7 @@ from jaxsr.models.tokenizer import load_tokenizer, tokenize
 from jaxsr.models.vae import AutoencoderKL
 from jaxsr.nn.resize import torch_resize_bicubic
 from jaxsr.parallel.mesh import make_mesh
+from jaxsr.pipelines import memory
 from jaxsr.pipelines.coser_sampling import (
     CoSeRNetworks,
     CoSeRSettings,
@@ -71,6 +73,7 @@ from jaxsr.pipelines.coser_sampling import (
     coser_restore,
     coser_restore_tiled,
 )
+from jaxsr.pipelines.placement import Placement, compute_dtype, held_bytes
 from jaxsr.pipelines.seesr import as_rgb_array, pad_rows
 
 NEGATIVE_PROMPT = (
@@ -81,7 +84,10 @@ COLOR_FIXES = {"adain": "adain", "wavelet": "wavelet", "none": "nofix", "nofix":
 MODES = ("auto", "reference", "tiled")
 DECODERS = ("auto", "cfw", "vae")
 TILED_PADDINGS = ("exact", "script")
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Activations, compiled programs and compiler scratch beside the weights at a 128² LR,
+# batch 1 (jaxsr.pipelines.memory; measured by benchmarks/sr_memory.py, rounded up).
+COSER_RUNTIME_BYTES = 3 * memory.GB
+_COMPUTE_DTYPE_MODULES = ("unet", "controlnet", "text_encoder")
 # The UNet downsamples the latent three times: the n× image must be a multiple of 64.
 _PIXEL_MULTIPLE = 64
 _PATCH_MULTIPLE = 32             # inference_tile.py pads the enlarged image to this
@@ -190,15 +196,24 @@ def patch_starts(length: int, size: int, stride: int) -> list[int]:
 class CoSeRPipeline:
     """Loaded CoSeR networks; see the module docstring."""
 
-    def __init__(self, weights: CoSeRWeights, *, dtype="float32", vae_dtype="float32",
+    def __init__(self, weights: CoSeRWeights, *, dtype="auto", vae_dtype="float32",
                  attention: str = "auto", devices=None):
-        dt, vdt = (_DTYPES[d] if isinstance(d, str) else d for d in (dtype, vae_dtype))
+        """weights: as `load_coser_folder` gives them, numpy or already placed (see
+        `from_pretrained`). The pipeline keeps the parameters on its devices only, in
+        `placement.held_dtype`; `self.weights` keeps the configs, not the arrays.
+
+        dtype: compute dtype of the UNet, ControlNet and text encoder: "auto" (bfloat16
+        on accelerators and CPUs with native bfloat16, else float32), "bfloat16" or
+        "float32" (CoSeR's released precision: its hard reference attention picks
+        argmaxes that bfloat16 rounding can flip). The cognitive encoder runs in
+        float32; vae_dtype is the VAE's and CFW decoder's.
+        """
+        dt, vdt = compute_dtype(dtype), compute_dtype(vae_dtype)
         arch = weights.architecture
-        self.weights = weights
         self.devices = list(jax.local_devices() if devices is None else devices)
         self.mesh = make_mesh((("data", -1),), self.devices)
         self._batch = NamedSharding(self.mesh, P("data"))
-        rep = NamedSharding(self.mesh, P())
+        self.dtype = dt
         cfw = (CFWAutoencoderKL(arch.vae, cfw=weights.cfw, dtype=vdt, attention=attention)
                if weights.cfw is not None else None)
         self._nets = CoSeRNetworks(
@@ -211,10 +226,12 @@ class CoSeRPipeline:
             raise FileNotFoundError("the weights folder has no tokenizer/; convert again with "
                                     "--tokenizer (e.g. SD 2.1-base's tokenizer/ folder)")
         self.tokenizer = load_tokenizer(weights.tokenizer_dir)
-        self.params = jax.device_put(
-            {k: weights.params[k] for k in ("cognitive", "unet", "controlnet", "vae", "cfw")
-             if k in weights.params}, rep)
-        self.text_params = jax.device_put(weights.params["text_encoder"], rep)
+        place = _placement(self.devices, dt, vdt)
+        self.params = {k: place.tree(k, weights.params[k])
+                       for k in ("cognitive", "unet", "controlnet", "vae", "cfw")
+                       if k in weights.params}
+        self.text_params = place.tree("text_encoder", weights.params["text_encoder"])
+        self.weights = dataclasses.replace(weights, params={})
         self._text_fn = jax.jit(lambda p, ids: self.text_encoder.apply({"params": p}, ids))
         self._adapter_fn = jax.jit(partial(coser_adapter, self._nets))
         self._enlarge_fn = jax.jit(_enlarge, static_argnums=1)
@@ -223,9 +240,27 @@ class CoSeRPipeline:
         self._text_cache: dict = {}
 
     @classmethod
-    def from_pretrained(cls, folder, **kwargs) -> CoSeRPipeline:
-        """A folder written by `jaxsr convert --coser ... --qformer ... --sd ...`."""
-        return cls(load_coser_folder(folder), **kwargs)
+    def from_pretrained(cls, folder, *, dtype="auto", vae_dtype="float32", devices=None,
+                        check_memory: bool = True, **kwargs) -> CoSeRPipeline:
+        """A folder written by `jaxsr convert --coser ... --qformer ... --sd ...`.
+
+        Each tensor goes to the devices in its held dtype as it is read (no host copy
+        of the weights); with check_memory the need is estimated from the folder's
+        headers first and InsufficientMemoryError says what to try.
+        """
+        devices = list(jax.local_devices() if devices is None else devices)
+        dt, vdt = compute_dtype(dtype), compute_dtype(vae_dtype)
+        place = _placement(devices, dt, vdt)
+        if check_memory and memory.check_enabled():
+            info = tensor_info(folder)
+            held = lambda dtypes: sum(held_bytes(info[m], dtypes.get(m, jnp.float32))
+                                      for m in info)
+            bf16 = {**place.modules, **{m: jnp.bfloat16 for m in _COMPUTE_DTYPE_MODULES}}
+            memory.check_fits(held(place.modules), COSER_RUNTIME_BYTES, devices,
+                              what=f"CoSeR ({jnp.dtype(dt).name}) from {folder}",
+                              smaller_param_bytes=held(bf16) if dt != jnp.bfloat16 else None)
+        weights = load_coser_folder(folder, leaf=place.leaf)
+        return cls(weights, dtype=dt, vae_dtype=vdt, devices=devices, **kwargs)
 
     @property
     def num_devices(self) -> int:
@@ -474,6 +509,14 @@ def _patch_noises(noises, m: int):
         return None
     return {"start": np.broadcast_to(noises["start"], (m, *noises["start"].shape)),
             "steps": np.repeat(noises["steps"][:, None], m, axis=1)}
+
+
+def _placement(devices, dt, vdt) -> Placement:
+    """Replicated over the pipeline's data mesh, each network in its compute dtype (the
+    cognitive encoder in float32)."""
+    rep = NamedSharding(make_mesh((("data", -1),), devices), P())
+    return Placement({**{m: dt for m in _COMPUTE_DTYPE_MODULES}, "vae": vdt, "cfw": vdt,
+                      "cognitive": jnp.float32}, rep)
 
 
 def _enlarge(lr, size: tuple[int, int]):

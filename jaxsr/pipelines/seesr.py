@@ -37,6 +37,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from PIL import Image
 
+from jaxsr.convert.cache import tensor_info
 from jaxsr.convert.seesr_weights import SeeSRWeights, load_seesr_folder
 from jaxsr.data.image_io import to_rgb_uint8
 from jaxsr.data.resize import pil_bicubic, seesr_upscale_input, seesr_upscale_sizes
@@ -51,6 +52,8 @@ from jaxsr.models.unet import UNet2DConditionModel
 from jaxsr.models.vae import AutoencoderKL
 from jaxsr.nn.resize import linear_matrix
 from jaxsr.parallel.mesh import make_mesh
+from jaxsr.pipelines import memory
+from jaxsr.pipelines.placement import Placement, compute_dtype, held_bytes
 from jaxsr.pipelines.seesr_sampling import (
     Networks,
     SamplingSettings,
@@ -61,7 +64,10 @@ from jaxsr.pipelines.seesr_sampling import (
 
 COLOR_FIXES = {"adain": "adain", "wavelet": "wavelet", "none": "nofix", "nofix": "nofix"}
 START_POINTS = ("lr", "noise")
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Activations, compiled programs and compiler scratch beside the weights, at a 128² LR
+# (512² output), batch 1: peak RSS minus held weights minus the bare process,
+# measured by benchmarks/sr_memory.py and rounded up (jaxsr.pipelines.memory).
+SEESR_RUNTIME_BYTES = 3 * memory.GB
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,16 +195,23 @@ def pad_rows(x: np.ndarray, n: int, axis: int = 0) -> np.ndarray:
 class SeeSRPipeline:
     """Loaded SeeSR networks, jitted per size bucket. See the module docstring."""
 
-    def __init__(self, weights: SeeSRWeights, *, dtype="bfloat16", vae_dtype="float32",
+    def __init__(self, weights: SeeSRWeights, *, dtype="auto", vae_dtype="float32",
                  dape_dtype="float32", attention: str = "auto", devices=None):
-        dt, vdt, ddt = (_DTYPES[d] if isinstance(d, str) else d
-                        for d in (dtype, vae_dtype, dape_dtype))
-        self.weights = weights
+        """weights: as `load_seesr_folder` gives them, numpy or already placed (see
+        `from_pretrained`, which places them while reading). The pipeline keeps the
+        parameters on its devices only, in `placement.held_dtype`; `self.weights`
+        keeps the configs, tags and scheduler, not the arrays.
+
+        dtype: compute dtype of the UNet, ControlNet and text encoder: "auto" (bfloat16
+        on accelerators and CPUs with native bfloat16, else float32), "bfloat16" or
+        "float32". vae_dtype, dape_dtype: the VAE's and DAPE's (float32 by default).
+        """
+        dt, vdt, ddt = (compute_dtype(d) for d in (dtype, vae_dtype, dape_dtype))
         self.devices = list(jax.local_devices() if devices is None else devices)
         self.mesh = make_mesh((("data", -1),), self.devices)
         self._batch = NamedSharding(self.mesh, P("data"))
         self._steps_sharding = NamedSharding(self.mesh, P(None, "data"))
-        rep = NamedSharding(self.mesh, P())
+        self.dtype = dt
 
         self.nets = Networks(
             unet=UNet2DConditionModel(weights.unet[0], dtype=dt, attention=attention),
@@ -213,11 +226,12 @@ class SeeSRPipeline:
             raise FileNotFoundError("the weights folder has no tokenizer/; reconvert with "
                                     "jaxsr convert")
         self.tokenizer = load_tokenizer(weights.tokenizer_dir)
-        self.params = jax.device_put({"unet": weights.unet[1],
-                                      "controlnet": weights.controlnet[1],
-                                      "vae": weights.vae[1]}, rep)
-        self.text_params = jax.device_put(weights.text_encoder[1], rep)
-        self.dape_params = jax.device_put(weights.dape[1], rep)
+        place = _placement(self.devices, dt, vdt, ddt)
+        self.params = {name: place.tree(name, getattr(weights, name)[1])
+                       for name in ("unet", "controlnet", "vae")}
+        self.text_params = place.tree("text_encoder", weights.text_encoder[1])
+        self.dape_params = place.tree("dape", weights.dape[1])
+        self.weights = weights.configs_only()
         self.alphas_cumprod = SchedulerConfig.from_diffusers(
             weights.scheduler_config, "ddpm").alphas_cumprod()
 
@@ -226,9 +240,32 @@ class SeeSRPipeline:
         self._restore_fns: dict = {}
 
     @classmethod
-    def from_pretrained(cls, folder, **kwargs) -> SeeSRPipeline:
-        """A folder written by `jaxsr convert --sd --seesr --ram --dape`."""
-        return cls(load_seesr_folder(folder), **kwargs)
+    def from_pretrained(cls, folder, *, dtype="auto", vae_dtype="float32",
+                        dape_dtype="float32", devices=None, check_memory: bool = True,
+                        **kwargs) -> SeeSRPipeline:
+        """A folder written by `jaxsr convert --sd --seesr --ram --dape`.
+
+        Each tensor goes to the devices in its held dtype as it is read, so loading
+        needs no host copy of the weights. With check_memory, the need is estimated
+        from the folder's headers first, and InsufficientMemoryError says so (and
+        what to try) instead of the process being killed.
+        """
+        devices = list(jax.local_devices() if devices is None else devices)
+        dt, vdt, ddt = (compute_dtype(d) for d in (dtype, vae_dtype, dape_dtype))
+        place = _placement(devices, dt, vdt, ddt)
+        if check_memory and memory.check_enabled():
+            info = tensor_info(folder)
+            held = lambda dtypes: sum(held_bytes(info[m], dtypes.get(m, jnp.float32))
+                                      for m in info)
+            memory.check_fits(
+                held(place.modules), SEESR_RUNTIME_BYTES, devices,
+                what=f"SeeSR ({jnp.dtype(dt).name}) from {folder}",
+                smaller_param_bytes=(held({**place.modules, "unet": jnp.bfloat16,
+                                           "controlnet": jnp.bfloat16,
+                                           "text_encoder": jnp.bfloat16})
+                                     if dt != jnp.bfloat16 else None))
+        weights = load_seesr_folder(folder, leaf=place.leaf)
+        return cls(weights, dtype=dt, vae_dtype=vdt, dape_dtype=ddt, devices=devices, **kwargs)
 
     @property
     def num_devices(self) -> int:
@@ -361,6 +398,13 @@ class SeeSRPipeline:
                 for k, image, prompt in zip(chunk, sr, used):
                     outputs[k], prompts[k] = image, prompt
         return (outputs, prompts) if return_prompts else outputs
+
+
+def _placement(devices, dt, vdt, ddt) -> Placement:
+    """Replicated over the pipeline's data mesh, each network in its compute dtype."""
+    rep = NamedSharding(make_mesh((("data", -1),), devices), P())
+    return Placement({"unet": dt, "controlnet": dt, "text_encoder": dt, "vae": vdt,
+                      "dape": ddt}, rep)
 
 
 def _pad_dev(x: jax.Array, n: int) -> jax.Array:
