@@ -5,11 +5,12 @@ import pickle
 
 import numpy as np
 import pytest
+import safetensors
 import torch
 
 from jaxsr.convert import ldm
 from jaxsr.convert.ldm import split_single_file
-from jaxsr.convert.readers import CheckpointReadError, _read_safetensors_raw, read_state_dict
+from jaxsr.convert.readers import CheckpointReadError, read_state_dict
 from jaxsr.convert.safetensors_io import write_safetensors
 from jaxsr.convert.sd2 import load_sd2, rename_legacy_vae
 from jaxsr.convert.tree import ConversionError
@@ -149,11 +150,12 @@ def test_safetensors_round_trip_with_bfloat16(tmp_path):
     for k, v in arrays.items():
         assert back[k].dtype == v.dtype
         np.testing.assert_array_equal(back[k], v)
-    # The raw-bytes fallback (for safetensors releases without numpy bfloat16) agrees.
-    raw = _read_safetensors_raw(tmp_path / "t.safetensors")
-    for k, v in arrays.items():
-        assert raw[k].dtype == v.dtype
-        np.testing.assert_array_equal(raw[k], v)
+    # The library's own reader agrees on every tensor (bfloat16 included: it names
+    # numpy's "bfloat16" dtype once ml_dtypes is imported).
+    with safetensors.safe_open(str(tmp_path / "t.safetensors"), framework="np") as f:
+        for k, v in arrays.items():
+            assert f.get_tensor(k).dtype == v.dtype
+            np.testing.assert_array_equal(f.get_tensor(k), v)
     # The reference implementation reads our file (it rejects bf16 in numpy, so
     # check the other tensors there).
     plain = {k: v for k, v in arrays.items() if k != "b"}
@@ -233,3 +235,41 @@ def test_diffusers_file_passed_as_single_file_is_explained(tmp_path):
     with pytest.raises(ValueError, match=r"diffusion_pytorch_model\.safetensors: not an SD 2.x "
                                          r"single-file .*pipeline folder"):
         load_sd2(path)
+
+
+def test_lazy_reads_and_streamed_writes(tmp_path):
+    """Transposed views are written in C order; a safetensors checkpoint reads lazily:
+    names, dtypes and shapes from the header, each tensor read from disk when looked
+    up (a file changed after opening shows the new bytes); renamed views read through."""
+    from jaxsr.convert.readers import KeyView, LazyStateDict, stored_info
+
+    base = np.arange(12, dtype=np.float32).reshape(3, 4)
+    write_safetensors(tmp_path / "v.safetensors", {"t": base.T, "s": np.float32(2.5)},
+                      metadata={"format": "pt"})
+    state = read_state_dict(tmp_path / "v.safetensors")
+    assert isinstance(state, LazyStateDict) and set(state) == {"t", "s"}
+    assert stored_info(state, "t") == (np.dtype(np.float32), (4, 3))
+    np.testing.assert_array_equal(state["t"], base.T)
+    assert state["s"].shape == () and float(state["s"]) == 2.5
+    with safetensors.safe_open(str(tmp_path / "v.safetensors"), framework="np") as f:
+        np.testing.assert_array_equal(f.get_tensor("t"), base.T)
+        assert f.metadata() == {"format": "pt"}
+    # Nothing was read up front: overwrite the data bytes in place, then look up again.
+    raw = bytearray((tmp_path / "v.safetensors").read_bytes())
+    start = 8 + int.from_bytes(raw[:8], "little")
+    raw[start:start + 4] = np.float32(-1).tobytes()
+    (tmp_path / "v.safetensors").write_bytes(bytes(raw))
+    assert state["t"][0, 0] == -1
+    view = KeyView(state, {"renamed": "t"})
+    assert list(view) == ["renamed"] and stored_info(view, "renamed")[1] == (4, 3)
+    assert view["renamed"][0, 0] == -1
+
+
+def test_pickles_of_both_formats_read(tmp_path):
+    """Zip-format saves are memory-mapped, legacy saves (which torch cannot map) fall
+    back to a whole read: both give the tensors."""
+    for zip_format in (True, False):
+        path = tmp_path / f"m{zip_format}.pth"
+        torch.save({"model": {"w": torch.arange(6.0).reshape(2, 3)}}, path,
+                   _use_new_zipfile_serialization=zip_format)
+        np.testing.assert_array_equal(read_state_dict(path)["w"], np.arange(6.0).reshape(2, 3))

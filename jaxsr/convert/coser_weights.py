@@ -44,7 +44,7 @@ from jaxsr.convert import coser_cognitive, coser_unet, ldm
 from jaxsr.convert.cache import load_converted, read_manifest, save_converted
 from jaxsr.convert.cfw import checkpoint_name as vae_checkpoint_name
 from jaxsr.convert.cfw import load_cfw
-from jaxsr.convert.readers import read_state_dict
+from jaxsr.convert.readers import KeyView, read_state_dict
 from jaxsr.convert.tree import ConversionError
 from jaxsr.models.cfw_vae import CFWConfig
 from jaxsr.models.clip_text import SD2_TEXT_ENCODER, CLIPTextConfig, load_clip_text
@@ -177,7 +177,7 @@ class Source:
     every part. `converted`: parts given already converted (diffusers-layout SD)."""
 
     label: str                                   # "--coser FILE" etc., for messages
-    parts: dict[str, dict[str, np.ndarray]]
+    parts: dict[str, Mapping[str, np.ndarray]]    # part -> lazy {LDM name: tensor}
     unexpected: list[str]
     converted: dict[str, tuple[Any, dict]] = dataclasses.field(default_factory=dict)
 
@@ -190,9 +190,9 @@ def split_source(state: Mapping[str, np.ndarray], label: str, text_layers: int, 
     """Sort a flat state dict into parts; `rename` maps the file's keys to the
     LDM-prefixed names first (open_clip's own file names its towers without prefix)."""
     ignore = ignore_patterns(text_layers)
-    parts: dict[str, dict] = {}
+    names: dict[str, dict[str, str]] = {}
     unexpected = []
-    for key, value in state.items():
+    for key in state:
         name = rename(key)
         if any(r.fullmatch(name) for r in ignore):
             continue
@@ -200,8 +200,11 @@ def split_source(state: Mapping[str, np.ndarray], label: str, text_layers: int, 
         if part is None:
             unexpected.append(key)
         else:
-            parts.setdefault(part, {})[name] = value
-    return Source(label, parts, unexpected)
+            names.setdefault(part, {})[name] = key
+    # Views, not copies: a part's tensors are read only when that part is converted
+    # (and only from the file that owns it), one part at a time.
+    return Source(label, {part: KeyView(state, keys) for part, keys in names.items()},
+                  unexpected)
 
 
 def open_clip_source(path, text_layers: int) -> Source:

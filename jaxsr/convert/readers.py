@@ -1,28 +1,32 @@
 """Checkpoint files -> {name: numpy array}, dtypes exactly as stored.
 
-    .safetensors                 safetensors' own reader (framework "np"), no torch
+    .safetensors                 jaxsr's own reader (`SafetensorsFile`), no torch
     *.safetensors.index.json     sharded diffusers/transformers checkpoints
     .bin .pth .pt .ckpt          PyTorch pickles, only through
                                  torch.load(weights_only=True): a pickle that carries
                                  anything but tensors and plain containers is refused
 
-bfloat16: numpy has no bfloat16 of its own. safetensors builds numpy arrays by dtype
-*name*, and "bfloat16" becomes a numpy dtype name once `ml_dtypes` (a jax
-dependency) is imported, which this module does first. bf16 tensors therefore come
-back as `ml_dtypes.bfloat16` arrays (jax reads them without a copy). Releases of
-safetensors that still refuse the name get the same result through
-`safetensors.deserialize` (raw bytes + the format's dtype code).
+Nothing is read before it is used. A safetensors checkpoint comes back as a
+`LazyStateDict`: its keys, dtypes and shapes from the header, each tensor read from
+disk when it is looked up (and not kept). A PyTorch pickle is memory-mapped where
+its format allows (the zip format of every torch >= 1.6 save), so its tensors are
+file pages the kernel can drop again. Converting CoSeR reads three checkpoints of
+21 GB together; held in memory at once they would not fit a 24 GB machine.
+
+bfloat16 tensors come back as `ml_dtypes.bfloat16` arrays (jax reads them without
+a copy); torch cannot export bf16 to numpy, so pickled bf16 tensors are
+reinterpreted bit for bit.
 """
 
 from __future__ import annotations
 
 import json
 import pickle
+from collections.abc import Mapping
 from pathlib import Path
 
 import ml_dtypes  # noqa: F401 - registers numpy's "bfloat16" dtype name for safetensors
 import numpy as np
-import safetensors
 
 PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt")
 # safetensors dtype codes -> numpy, for the raw-bytes fallback
@@ -37,8 +41,9 @@ class CheckpointReadError(ValueError):
     """A checkpoint file that cannot be read (damaged, unsafe, or of an unknown kind)."""
 
 
-def read_state_dict(path, *, unwrap: tuple[str, ...] = ("state_dict", "model")) -> dict:
-    """Read every tensor of a checkpoint file as numpy (dtype as stored, no casts).
+def read_state_dict(path, *, unwrap: tuple[str, ...] = ("state_dict", "model")) -> Mapping:
+    """Every tensor of a checkpoint file as numpy (dtype as stored, no casts): a
+    `LazyStateDict` for safetensors, a dict of memory-mapped arrays for pickles.
 
     Args:
       path: a .safetensors file, a sharded `*.safetensors.index.json`, or a PyTorch
@@ -65,20 +70,71 @@ def read_state_dict(path, *, unwrap: tuple[str, ...] = ("state_dict", "model")) 
                               f"{', '.join(PICKLE_SUFFIXES)})")
 
 
-def read_safetensors(path) -> dict:
-    """All tensors of one .safetensors file. The library validates the header and
-    the byte ranges, so truncated or overlapping files are caught here."""
-    path = Path(path)
-    try:
-        with safetensors.safe_open(str(path), framework="np") as f:
-            return {key: f.get_tensor(key) for key in f.keys()}
-    except safetensors.SafetensorError as e:
-        raise CheckpointReadError(f"{path}: not a readable safetensors file, damaged or "
-                                  f"truncated ({e})") from None
-    except TypeError as e:
-        if "bfloat16" not in str(e):
-            raise
-    return _read_safetensors_raw(path)
+def read_safetensors(path) -> LazyStateDict:
+    """The tensors of one .safetensors file, each read when looked up. The header is
+    validated on opening, so a truncated or overlapping file fails here, naming it."""
+    f = SafetensorsFile(path)
+    return LazyStateDict({key: (f, key) for key in f.keys()})
+
+
+class LazyStateDict(Mapping):
+    """A read-only {name: numpy array} whose tensors stay on disk until looked up.
+
+    Every lookup reads the tensor again (nothing is cached): a converter that walks
+    the checkpoint once holds one tensor at a time beyond what it keeps. `info(name)`
+    gives (dtype, shape) from the header without reading.
+    """
+
+    def __init__(self, entries: dict[str, tuple[SafetensorsFile, str]]):
+        self._entries = entries
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        f, key = self._entries[name]
+        return f.read(key)
+
+    def __iter__(self):
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, name) -> bool:
+        return name in self._entries
+
+    def info(self, name: str) -> tuple[np.dtype, tuple[int, ...]]:
+        f, key = self._entries[name]
+        return f.info(key)
+
+
+class KeyView(Mapping):
+    """{new name: state[old name]} over another mapping, lazily: a renamed or filtered
+    view of a (lazy) state dict that reads nothing until looked up."""
+
+    def __init__(self, state: Mapping, names: dict[str, str]):
+        self._state, self._names = state, names
+
+    def __getitem__(self, name: str):
+        return self._state[self._names[name]]
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, name) -> bool:
+        return name in self._names
+
+    def info(self, name: str) -> tuple[np.dtype, tuple[int, ...]]:
+        return stored_info(self._state, self._names[name])
+
+
+def stored_info(state: Mapping, name: str) -> tuple[np.dtype, tuple[int, ...]]:
+    """(dtype, shape) of state[name], from a lazy mapping's header when it has one."""
+    if hasattr(state, "info"):
+        return state.info(name)
+    value = np.asarray(state[name])
+    return value.dtype, value.shape
 
 
 class SafetensorsFile:
@@ -175,38 +231,23 @@ class SafetensorsFile:
         self.close()
 
 
-def _read_safetensors_raw(path: Path) -> dict:
-    """Fallback for safetensors releases that cannot name bfloat16 for numpy."""
-    try:
-        entries = safetensors.deserialize(path.read_bytes())
-    except safetensors.SafetensorError as e:
-        raise CheckpointReadError(f"{path}: not a readable safetensors file ({e})") from None
-    out = {}
-    for key, info in entries:
-        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise CheckpointReadError(f"{path}: tensor {key} has unsupported dtype {info['dtype']}")
-        out[key] = np.frombuffer(info["data"], dtype=dtype).reshape(info["shape"])
-    return out
-
-
-def _read_sharded(index_path: Path) -> dict:
+def _read_sharded(index_path: Path) -> LazyStateDict:
     try:
         weight_map = json.loads(index_path.read_text())["weight_map"]
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointReadError(f"{index_path}: not a sharded-checkpoint index ({e!r})") from None
-    out = {}
+    entries = {}
     for shard in sorted(set(weight_map.values())):
         shard_path = index_path.parent / shard
         if not shard_path.is_file():
             raise FileNotFoundError(f"{shard_path} (a shard listed in {index_path}) is missing")
-        tensors = read_state_dict(shard_path)
-        out.update({k: v for k, v in tensors.items() if weight_map.get(k) == shard})
-    missing = sorted(set(weight_map) - set(out))
+        f = SafetensorsFile(shard_path)
+        entries.update({k: (f, k) for k in f.keys() if weight_map.get(k) == shard})
+    missing = sorted(set(weight_map) - set(entries))
     if missing:
         raise CheckpointReadError(f"{index_path}: shards lack {len(missing)} indexed tensors, "
                                   f"e.g. {missing[:5]}")
-    return out
+    return LazyStateDict(entries)
 
 
 def _read_pickle(path: Path, unwrap) -> dict:
@@ -217,7 +258,7 @@ def _read_pickle(path: Path, unwrap) -> dict:
             f"{path} is a PyTorch pickle; reading it needs torch (pip install torch, the CPU "
             "build is enough) or convert it to .safetensors first") from None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = _torch_load(torch, path)
     except pickle.UnpicklingError as e:
         # weights_only's unpickler raises this for any global outside its allow-list
         # (the object is never constructed); a damaged legacy pickle raises it too.
@@ -239,6 +280,17 @@ def _read_pickle(path: Path, unwrap) -> dict:
         raise CheckpointReadError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
     return {key: _tensor_to_numpy(value) for key, value in obj.items()
             if isinstance(value, torch.Tensor)}
+
+
+def _torch_load(torch, path: Path):
+    """torch.load(weights_only=True), memory-mapped when the file's format allows (the
+    zip format; older files are read whole)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e) and "zipfile" not in str(e).lower():
+            raise
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _tensor_to_numpy(t) -> np.ndarray:

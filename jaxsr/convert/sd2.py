@@ -16,10 +16,8 @@ import re
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
-
 from jaxsr.convert import ldm
-from jaxsr.convert.readers import read_state_dict
+from jaxsr.convert.readers import read_state_dict, stored_info
 from jaxsr.models.clip_text import CLIPTextConfig, load_clip_text
 from jaxsr.models.unet import UNetConfig, load_unet
 from jaxsr.models.vae import VAEConfig, load_vae
@@ -105,8 +103,8 @@ def _summary(states: dict, params: dict, what: dict) -> dict:
     for name in MODULES:
         leaves = _leaves(params[name][1])
         out[name] = {"parameters": int(sum(a.size for a in leaves)), "source": what[name],
-                     "source_dtypes": dict(Counter(str(np.asarray(v).dtype)
-                                                   for v in states[name].values()))}
+                     "source_dtypes": dict(Counter(str(stored_info(states[name], k)[0])
+                                                   for k in states[name]))}
     return out
 
 
