@@ -1,6 +1,6 @@
 """Backend settings jaxsr applies by default (call before JAX starts its backends).
 
-One XLA:CPU setting, measured on the SD2-base UNet forward (batch 2, 64² latent,
+Two XLA:CPU settings. The first, measured on the SD2-base UNet forward (batch 2, 64² latent,
 float32, 2-core x86; benchmarks/unet_forward_cpu.py):
 `--xla_cpu_experimental_ynn_fusion_type=individual_dot` gives YNNPACK the single
 dots only. XLA's default also hands it the convolutions, which it ran at 37-66
@@ -9,8 +9,18 @@ own convolution runs them at 160-185 GFLOP/s; the forward went from 16.6 s to
 12.0 s with this flag alone. (The oneDNN custom-call flag jaxsr set before
 compiles to the identical program once YNNPACK takes the dots, so it is gone.)
 Results move only by float32 rounding: that forward is 3.3e-6 from PyTorch's
-(relative) with the flag and 3.7e-6 without. The flag only concerns the CPU backend; a user's own
-XLA_FLAGS entry for it wins. Set JAXSR_NO_XLA_DEFAULTS=1 to leave XLA_FLAGS
+(relative) with the flag and 3.7e-6 without.
+
+`--xla_cpu_enable_concurrency_optimized_scheduler=false` orders each program to
+keep fewer buffers alive rather than to start independent ops early. The early
+starts cost memory where bfloat16 is emulated: XLA:CPU then computes bfloat16 dots
+and convolutions in float32 from a float32 copy of each weight, and the default
+scheduler made every copy at the start, all alive at once (with the sampling
+loops' `optimization_barrier`, jaxsr.pipelines.seesr_sampling, which keeps them
+from being hoisted out of the loop, full-size SeeSR in bfloat16 went from 12.5 GB
+to 6.9 GB of peak RSS; benchmarks/sr_memory.py). The UNet forward is as fast with
+it (8.9 vs 9.1-9.4 s median on an Intel Xeon). Both flags only concern the CPU backend; a user's own
+XLA_FLAGS entry for either wins. Set JAXSR_NO_XLA_DEFAULTS=1 to leave XLA_FLAGS
 untouched.
 """
 
@@ -18,7 +28,8 @@ from __future__ import annotations
 
 import os
 
-CPU_XLA_FLAGS = {"--xla_cpu_experimental_ynn_fusion_type": "individual_dot"}
+CPU_XLA_FLAGS = {"--xla_cpu_experimental_ynn_fusion_type": "individual_dot",
+                 "--xla_cpu_enable_concurrency_optimized_scheduler": "false"}
 
 
 def configure_xla_defaults() -> str:

@@ -87,3 +87,16 @@ def sampler_step(plan: SamplerPlan, state, i, x, model_output, noise=None):
                                 noise if plan.needs_noise else None)
     x_prev, state = dpm_solver_step(plan.schedule, state, i, x, model_output)
     return state, x_prev
+
+
+def per_step(params, x):
+    """(params, x) through an optimization barrier, at the top of a sampling loop's body.
+
+    Everything the step then computes from `params` depends on the step's input, so
+    XLA cannot hoist it out of the loop. What it would hoist is weight-only work:
+    on CPUs that emulate bfloat16, the float32 copy XLA makes of every weight, all
+    of which would then stay alive for the whole loop (jaxsr.platform). Elsewhere
+    it only leaves per-step work such as the text keys/values in the loop, a small
+    cost against the networks' forward.
+    """
+    return jax.lax.optimization_barrier((params, x))

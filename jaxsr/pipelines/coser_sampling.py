@@ -53,6 +53,7 @@ import jax.numpy as jnp
 from jaxsr.diffusion.colorfix import color_fix, to_uint8_truncate
 from jaxsr.diffusion.noise import noise_source, per_image_normal
 from jaxsr.diffusion.respace import RespacedSchedule, ldm_noise_tables, respaced_step
+from jaxsr.diffusion.samplers import per_step
 from jaxsr.diffusion.tiling import tiled_apply
 from jaxsr.models.cfw_vae import CFWAutoencoderKL
 from jaxsr.models.cognitive import CognitiveEncoder
@@ -140,14 +141,15 @@ def generate_reference(nets: CoSeRNetworks, settings: CoSeRSettings, unet_params
     g = settings.reference_guidance_scale
     b = x_start.shape[0]
 
-    def eps_of(x, t, ctx):
-        return nets.unet.apply({"params": unet_params}, x, t, ctx)
+    def eps_of(p, x, t, ctx):
+        return nets.unet.apply({"params": p}, x, t, ctx)
 
     def body(i, x):
         t = _timesteps(schedule, i, b)
-        eps = eps_of(x, t, positive)
+        p, x = per_step(unet_params, x)
+        eps = eps_of(p, x, t, positive)
         if g != 1.0:   # as LDM: no unconditional pass without guidance
-            eps = guide(eps_of(x, t, negative), eps, g)
+            eps = guide(eps_of(p, x, t, negative), eps, g)
         return respaced_step(schedule, i, x, eps, noise("reference_steps", REFERENCE_STREAM, i))
 
     return jax.lax.fori_loop(0, schedule.num_steps, body, x_start.astype(jnp.float32))
@@ -177,7 +179,8 @@ def super_resolve(nets: CoSeRNetworks, settings: CoSeRSettings, params,
 
     def body(i, x):
         t = _timesteps(schedule, i, b)
-        eps = sr_eps(nets, settings, params, t, x, z_lr, z_ref, positive, negative)
+        step_params, x = per_step(params, x)
+        eps = sr_eps(nets, settings, step_params, t, x, z_lr, z_ref, positive, negative)
         return respaced_step(schedule, i, x, eps, noise("steps", SR_STREAM, i))
 
     return jax.lax.fori_loop(0, schedule.num_steps, body, x_start.astype(jnp.float32))
@@ -297,7 +300,9 @@ def coser_restore_tiled(nets: CoSeRNetworks, settings: CoSeRSettings, params: di
 
     def body(i, x):
         t = _timesteps(schedule, i, b)
-        eps = guided_tiled_eps(nets, settings, params, t, x, z_lr, z_ref, positive, negative)
+        step_params, x = per_step(params, x)
+        eps = guided_tiled_eps(nets, settings, step_params, t, x, z_lr, z_ref, positive,
+                               negative)
         return respaced_step(schedule, i, x, eps, noise("steps", SR_STREAM, i))
 
     z = jax.lax.fori_loop(0, schedule.num_steps, body, x_start)

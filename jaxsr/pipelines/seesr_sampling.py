@@ -34,7 +34,7 @@ import numpy as np
 
 from jaxsr.diffusion.colorfix import color_fix, to_uint8_round, to_uint8_truncate
 from jaxsr.diffusion.noise import noise_source
-from jaxsr.diffusion.samplers import SamplerPlan, sampler_init, sampler_step
+from jaxsr.diffusion.samplers import SamplerPlan, per_step, sampler_init, sampler_step
 from jaxsr.diffusion.tiled_vae import tiled_decode, tiled_encode
 from jaxsr.diffusion.tiling import maybe_tiled_apply
 from jaxsr.models.controlnet import ControlNetModel
@@ -121,7 +121,8 @@ def denoise(nets: Networks, settings: SamplingSettings, params, plan: SamplerPla
 
     def body(i, carry):
         x, state = carry
-        eps = guided_eps(nets, settings, params, plan.timesteps[i], x, control, text, ram)
+        step_params, x = per_step(params, x)
+        eps = guided_eps(nets, settings, step_params, plan.timesteps[i], x, control, text, ram)
         step_noise = noise("steps", STEP_STREAM, i) if plan.needs_noise else None
         state, x = sampler_step(plan, state, i, x, eps, step_noise)
         return x, state
