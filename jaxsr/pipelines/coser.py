@@ -75,6 +75,7 @@ from jaxsr.pipelines.coser_sampling import (
 )
 from jaxsr.pipelines.placement import Placement, compute_dtype, held_bytes
 from jaxsr.pipelines.seesr import as_rgb_array, pad_rows
+from jaxsr.platform import auto_compute_dtype
 
 NEGATIVE_PROMPT = (
     "worst quality, normal quality, low quality, low res, blurry, text, watermark, logo, "
@@ -85,8 +86,12 @@ MODES = ("auto", "reference", "tiled")
 DECODERS = ("auto", "cfw", "vae")
 TILED_PADDINGS = ("exact", "script")
 # Activations, compiled programs and compiler scratch beside the weights at a 128² LR,
-# batch 1 (jaxsr.pipelines.memory; measured by benchmarks/sr_memory.py, rounded up).
+# batch 1 (jaxsr.pipelines.memory), rounded up from benchmarks/sr_memory.py: 2.3 GB in
+# float32 on a 2-core CPU; 5.7 GB in bfloat16 where the CPU emulates it, because the
+# float32 copies XLA makes of the weights for the positive guidance pass are kept for
+# the negative one.
 COSER_RUNTIME_BYTES = 3 * memory.GB
+COSER_EMULATED_BF16_RUNTIME_BYTES = 6 * memory.GB
 _COMPUTE_DTYPE_MODULES = ("unet", "controlnet", "text_encoder")
 # The UNet downsamples the latent three times: the n× image must be a multiple of 64.
 _PIXEL_MULTIPLE = 64
@@ -256,7 +261,10 @@ class CoSeRPipeline:
             held = lambda dtypes: sum(held_bytes(info[m], dtypes.get(m, jnp.float32))
                                       for m in info)
             bf16 = {**place.modules, **{m: jnp.bfloat16 for m in _COMPUTE_DTYPE_MODULES}}
-            memory.check_fits(held(place.modules), COSER_RUNTIME_BYTES, devices,
+            emulated = (dt == jnp.bfloat16 and devices[0].platform == "cpu"
+                        and auto_compute_dtype("cpu") == "float32")
+            runtime = COSER_EMULATED_BF16_RUNTIME_BYTES if emulated else COSER_RUNTIME_BYTES
+            memory.check_fits(held(place.modules), runtime, devices,
                               what=f"CoSeR ({jnp.dtype(dt).name}) from {folder}",
                               smaller_param_bytes=held(bf16) if dt != jnp.bfloat16 else None)
         weights = load_coser_folder(folder, leaf=place.leaf)

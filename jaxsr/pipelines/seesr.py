@@ -65,8 +65,9 @@ from jaxsr.pipelines.seesr_sampling import (
 COLOR_FIXES = {"adain": "adain", "wavelet": "wavelet", "none": "nofix", "nofix": "nofix"}
 START_POINTS = ("lr", "noise")
 # Activations, compiled programs and compiler scratch beside the weights, at a 128² LR
-# (512² output), batch 1: peak RSS minus held weights minus the bare process,
-# measured by benchmarks/sr_memory.py and rounded up (jaxsr.pipelines.memory).
+# (512² output), batch 1: peak RSS minus held weights minus the bare process, 1.8-1.9
+# GB in bfloat16 and float32 on a 2-core CPU (benchmarks/sr_memory.py), rounded up
+# (jaxsr.pipelines.memory).
 SEESR_RUNTIME_BYTES = 3 * memory.GB
 
 
