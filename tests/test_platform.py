@@ -26,6 +26,7 @@ from jaxsr.nn import attention, transformer
 # jaxsr's defaults reserve for larger maps.
 attention.MAX_ITEM_LOGITS = attention.CPU_STEP_LOGITS = 1 << 18
 transformer.CPU_FF_STEP_FLOATS = 1 << 15
+transformer.CPU_FF_MIN_STEP_ROWS = 0
 
 torch.manual_seed(0)
 ref = diffusers.UNet2DConditionModel(**TINY).eval()
