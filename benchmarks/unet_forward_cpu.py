@@ -81,7 +81,8 @@ def main() -> None:
     import jax
     import torch
 
-    from jaxsr.models.unet import SD2_BASE_UNET, UNet2DConditionModel, load_unet
+    from jaxsr.convert.networks import load_unet
+    from jaxsr.models.unet import SD2_BASE_UNET, UNet2DConditionModel
 
     torch.manual_seed(0)
     ref = diffusers.UNet2DConditionModel.from_config(SD2_BASE_UNET.to_diffusers_config()).eval()

@@ -12,13 +12,9 @@ import torch
 import transformers
 from flax import traverse_util
 
+from jaxsr.convert.networks import load_clip_text
 from jaxsr.convert.tree import ConversionError
-from jaxsr.models.clip_text import (
-    SD2_TEXT_ENCODER,
-    CLIPTextConfig,
-    CLIPTextModel,
-    load_clip_text,
-)
+from jaxsr.models.clip_text import SD2_TEXT_ENCODER, CLIPTextConfig, CLIPTextModel
 from jaxsr.models.tokenizer import load_tokenizer, tokenize
 from tests.keylists import read_listing
 from tests.parity import rel_err, torch_state

@@ -15,10 +15,9 @@ from jaxsr.convert.cfw import load_cfw
 from jaxsr.convert.coser_cognitive import PRE_SR_PREFIX, VISUAL_PREFIX, load_cognitive
 from jaxsr.convert.coser_unet import convert_aia_unet, convert_controlnet
 from jaxsr.convert.coser_weights import RELEASED, load_coser_folder, merge_sources, split_source
+from jaxsr.convert.networks import load_clip_text, load_vae
 from jaxsr.convert.tree import ConversionError
-from jaxsr.models.clip_text import load_clip_text
 from jaxsr.models.cognitive import TINY_COGNITIVE
-from jaxsr.models.vae import load_vae
 from tests.coser_cognitive_reference import TorchMSRResNet, TorchVisionTower
 from tests.coser_release import ARCH, write_tiny_coser_release
 from tests.keylists import read_listing

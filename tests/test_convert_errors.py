@@ -10,11 +10,12 @@ import torch
 
 from jaxsr.convert import ldm
 from jaxsr.convert.ldm import split_single_file
+from jaxsr.convert.networks import load_unet
 from jaxsr.convert.readers import CheckpointReadError, read_state_dict
 from jaxsr.convert.safetensors_io import write_safetensors
 from jaxsr.convert.sd2 import load_sd2, rename_legacy_vae
 from jaxsr.convert.tree import ConversionError
-from jaxsr.models.unet import UNetConfig, load_unet
+from jaxsr.models.unet import UNetConfig
 from tests.keylists import read_listing
 from tests.test_unet import TINY
 
@@ -200,7 +201,8 @@ def test_single_file_with_foreign_keys_is_refused():
 def test_surplus_text_blocks_are_refused():
     """Only the block right after the used ones is the documented unused one; a text
     config with fewer layers than the file leaves the rest as unexpected keys."""
-    from jaxsr.models.clip_text import CLIPTextConfig, load_clip_text
+    from jaxsr.convert.networks import load_clip_text
+    from jaxsr.models.clip_text import CLIPTextConfig
 
     state = {k: np.broadcast_to(np.float32(0), s)
              for k, s in read_listing("sd21_ldm_single_file.tsv").items()}

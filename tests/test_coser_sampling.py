@@ -23,13 +23,14 @@ import torch
 from jaxsr.convert import coser_unet as convert
 from jaxsr.convert.cfw import load_cfw
 from jaxsr.convert.coser_cognitive import PRE_SR_PREFIX, VISUAL_PREFIX, load_cognitive
+from jaxsr.convert.networks import load_vae
 from jaxsr.diffusion.respace import respaced_schedule
 from jaxsr.models.cfw_vae import CFWAutoencoderKL
 from jaxsr.models.cognitive import TINY_COGNITIVE, CognitiveEncoder
 from jaxsr.models.coser_controlnet import CoSeRControlNet, CoSeRControlNetConfig
 from jaxsr.models.coser_unet import CoSeRUNet, CoSeRUNetConfig
 from jaxsr.models.unet import UNetConfig
-from jaxsr.models.vae import AutoencoderKL, VAEConfig, load_vae
+from jaxsr.models.vae import AutoencoderKL, VAEConfig
 from jaxsr.pipelines.coser_sampling import (
     CoSeRNetworks,
     CoSeRSettings,

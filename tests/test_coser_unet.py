@@ -14,17 +14,18 @@ import torch
 from flax import traverse_util
 
 from jaxsr.convert import coser_unet as convert
+from jaxsr.convert.coser_init import aia_unet_params_from_sd, controlnet_params_from_sd
+from jaxsr.convert.networks import load_unet
 from jaxsr.convert.tree import ConversionError
 from jaxsr.models.aia import AiATransformer2D
 from jaxsr.models.coser_controlnet import CoSeRControlNet, CoSeRControlNetConfig
-from jaxsr.models.coser_init import aia_unet_params_from_sd, controlnet_params_from_sd
 from jaxsr.models.coser_unet import (
     CoSeRUNet,
     CoSeRUNetConfig,
     control_feature_shapes,
     coser_context,
 )
-from jaxsr.models.unet import UNetConfig, load_unet
+from jaxsr.models.unet import UNetConfig
 from jaxsr.nn.hard_attention import argmax_attention
 from tests import coser_reference as ref_lib
 from tests.keylists import read_listing

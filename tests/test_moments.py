@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from jaxsr.models.vae import AutoencoderKL, VAEConfig, load_vae
+from jaxsr.convert.networks import load_vae
+from jaxsr.models.vae import AutoencoderKL, VAEConfig
 from jaxsr.nn.layers import GroupNorm, LayerNorm
 from jaxsr.nn.moments import moments
 from tests.parity import nchw_to_nhwc, torch_state

@@ -16,7 +16,8 @@ import json, re
 from jaxsr.platform import configure_xla_defaults
 flags = configure_xla_defaults()
 import diffusers, jax, numpy as np, torch
-from jaxsr.models.unet import UNet2DConditionModel, UNetConfig, load_unet
+from jaxsr.convert.networks import load_unet
+from jaxsr.models.unet import UNet2DConditionModel, UNetConfig
 from tests.parity import nchw_to_nhwc, nhwc_to_nchw, rel_err, torch_state
 from tests.test_unet import TINY, _inputs, randomize_
 from jaxsr.nn import attention, transformer

@@ -10,14 +10,11 @@ import pytest
 import torch
 from flax import traverse_util
 
+from jaxsr.convert.networks import load_controlnet, load_unet
+from jaxsr.convert.seesr_init import controlnet_params_from_unet
 from jaxsr.convert.tree import flax_to_torch
-from jaxsr.models.controlnet import (
-    ControlNetConfig,
-    ControlNetModel,
-    controlnet_params_from_unet,
-    load_controlnet,
-)
-from jaxsr.models.unet import UNet2DConditionModel, UNetConfig, load_unet
+from jaxsr.models.controlnet import ControlNetConfig, ControlNetModel
+from jaxsr.models.unet import UNet2DConditionModel, UNetConfig
 from tests import seesr_reference as ref_lib
 from tests.parity import nchw_to_nhwc, nhwc_to_nchw, rel_err, torch_state
 from tests.test_unet import TINY, randomize_

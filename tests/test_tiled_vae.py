@@ -12,8 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from jaxsr.convert.networks import load_vae
 from jaxsr.diffusion import tiled_vae as tv
-from jaxsr.models.vae import AutoencoderKL, VAEConfig, load_vae
+from jaxsr.models.vae import AutoencoderKL, VAEConfig
 from tests.parity import nhwc_to_nchw, rel_err, torch_state
 from tests.test_unet import randomize_
 from tests.test_vae import TINY

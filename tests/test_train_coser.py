@@ -31,13 +31,14 @@ from jaxsr.convert.coser_cognitive import (
     load_qformer,
     load_srresnet,
 )
+from jaxsr.convert.networks import load_clip_text
 from jaxsr.convert.readers import read_state_dict
 from jaxsr.convert.tree import flax_to_torch
 from jaxsr.data.coser_input import _choose, make_coser_iterator, open_manifest_source
 from jaxsr.data.degrade import COSER, REALESRGAN, preset_by_name
 from jaxsr.data.tfds_manifest import ManifestError, coser_captions, read_manifest
 from jaxsr.demo import random_params, write_tokenizer
-from jaxsr.models.clip_text import CLIPTextConfig, CLIPTextModel, load_clip_text
+from jaxsr.models.clip_text import CLIPTextConfig, CLIPTextModel
 from jaxsr.models.cognitive import TINY_COGNITIVE, CognitiveEncoder
 from jaxsr.models.tokenizer import load_tokenizer, tokenize
 from jaxsr.train import coser_objective as obj

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from jaxsr.models.unet import UNet2DConditionModel, UNetConfig, load_unet
+from jaxsr.convert.networks import load_unet
+from jaxsr.models.unet import UNet2DConditionModel, UNetConfig
 from tests.parity import nchw_to_nhwc, nhwc_to_nchw, rel_err, torch_state
 
 TINY = dict(

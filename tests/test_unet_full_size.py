@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from jaxsr.models.unet import SD2_BASE_UNET, UNet2DConditionModel, load_unet
+from jaxsr.convert.networks import load_unet
+from jaxsr.models.unet import SD2_BASE_UNET, UNet2DConditionModel
 from tests.parity import nchw_to_nhwc, nhwc_to_nchw, rel_err, torch_state
 
 pytestmark = pytest.mark.slow

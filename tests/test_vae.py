@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from jaxsr.convert.networks import load_vae
 from jaxsr.convert.tree import ConversionError
-from jaxsr.models.vae import SD2_VAE, AutoencoderKL, DiagonalGaussian, VAEConfig, load_vae
+from jaxsr.models.vae import SD2_VAE, AutoencoderKL, DiagonalGaussian, VAEConfig
 from tests.keylists import read_listing
 from tests.parity import nchw_to_nhwc, nhwc_to_nchw, rel_err, torch_state
 from tests.test_unet import randomize_

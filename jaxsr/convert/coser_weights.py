@@ -44,10 +44,11 @@ from jaxsr.convert import coser_cognitive, coser_unet, ldm
 from jaxsr.convert.cache import load_converted, read_manifest, save_converted
 from jaxsr.convert.cfw import checkpoint_name as vae_checkpoint_name
 from jaxsr.convert.cfw import load_cfw
+from jaxsr.convert.networks import load_clip_text, load_vae
 from jaxsr.convert.readers import KeyView, read_state_dict
 from jaxsr.convert.tree import ConversionError
 from jaxsr.models.cfw_vae import CFWConfig
-from jaxsr.models.clip_text import SD2_TEXT_ENCODER, CLIPTextConfig, load_clip_text
+from jaxsr.models.clip_text import SD2_TEXT_ENCODER, CLIPTextConfig
 from jaxsr.models.clip_vision import CLIPVisionConfig
 from jaxsr.models.cognitive import COSER_COGNITIVE, CognitiveConfig
 from jaxsr.models.coser_controlnet import COSER_CONTROLNET, CoSeRControlNetConfig
@@ -55,7 +56,7 @@ from jaxsr.models.coser_unet import COSER_UNET, CoSeRUNetConfig
 from jaxsr.models.qformer import QFormerConfig
 from jaxsr.models.srresnet import SRResNetConfig
 from jaxsr.models.unet import UNetConfig
-from jaxsr.models.vae import SD2_VAE, VAEConfig, load_vae
+from jaxsr.models.vae import SD2_VAE, VAEConfig
 
 MODEL = "coser"
 

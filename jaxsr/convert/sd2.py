@@ -17,10 +17,11 @@ from collections import Counter
 from pathlib import Path
 
 from jaxsr.convert import ldm
+from jaxsr.convert.networks import load_clip_text, load_unet, load_vae
 from jaxsr.convert.readers import read_state_dict, stored_info
-from jaxsr.models.clip_text import CLIPTextConfig, load_clip_text
-from jaxsr.models.unet import UNetConfig, load_unet
-from jaxsr.models.vae import VAEConfig, load_vae
+from jaxsr.models.clip_text import CLIPTextConfig
+from jaxsr.models.unet import UNetConfig
+from jaxsr.models.vae import VAEConfig
 
 MODULES = ("unet", "vae", "text_encoder")
 

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from jaxsr.convert.networks import load_controlnet, load_unet
 from jaxsr.convert.readers import read_state_dict
 from jaxsr.convert.sd2 import find_weights, read_json
-from jaxsr.models.controlnet import ControlNetConfig, load_controlnet
-from jaxsr.models.unet import UNetConfig, load_unet
+from jaxsr.models.controlnet import ControlNetConfig
+from jaxsr.models.unet import UNetConfig
 
 _WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 _RCA_MARK = ".image_attentions."

@@ -19,7 +19,6 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxsr.nn.attention import dot_product_attention
 from jaxsr.nn.layers import LayerNorm
@@ -211,36 +210,3 @@ def param_shapes(config: CLIPTextConfig):
     model = CLIPTextModel(config)
     ids = jnp.zeros((1, config.max_position_embeddings), jnp.int32)
     return jax.eval_shape(lambda: model.init(jax.random.key(0), ids))["params"]
-
-
-TEXT_PREFIX = "text_model."
-
-# Checkpoint tensors the SD text encoder never uses (regexes, full match):
-IGNORED_TEXT_KEYS = (
-    # arange(77) buffer; persistent in transformers < 4.31, so the released SD2
-    # files carry it. The model recomputes it.
-    r"(text_model\.)?embeddings\.position_ids",
-    # CLIPTextModelWithProjection's / CLIPModel's projection to the joint space.
-    r"text_projection\.weight",
-    # CLIPModel's contrastive temperature.
-    r"logit_scale",
-)
-
-
-def load_clip_text(state: dict[str, np.ndarray], config: CLIPTextConfig, *,
-                   what: str = "text encoder checkpoint"):
-    """transformers CLIPTextModel state dict -> Flax params {"text_model": ...}. Strict.
-
-    Accepts both layouts found in the wild: keys with the `text_model.` prefix
-    (the released SD2 files, transformers 4, CLIPTextModelWithProjection) and
-    without it (what transformers 5 saves for CLIPTextModel). Errors name the
-    keys as they appear in `state`.
-    Raises: jaxsr.convert.tree.ConversionError on any missing, unknown or misshaped key.
-    """
-    from jaxsr.convert.tree import torch_to_flax
-
-    shapes = param_shapes(config)
-    if any(k.startswith(TEXT_PREFIX) for k in state):
-        return torch_to_flax(state, shapes, what=what, ignore=IGNORED_TEXT_KEYS)
-    inner = torch_to_flax(state, shapes["text_model"], what=what, ignore=IGNORED_TEXT_KEYS)
-    return {"text_model": inner}

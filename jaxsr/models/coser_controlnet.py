@@ -140,13 +140,3 @@ def param_shapes(config: CoSeRControlNetConfig = COSER_CONTROLNET):
     model = CoSeRControlNet(config)
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *dummy_inputs(config)))
     return shapes["params"]
-
-
-def load_coser_controlnet(state, config: CoSeRControlNetConfig = COSER_CONTROLNET, *,
-                          what: str = "CoSeR ControlNet"):
-    """A state dict in jaxsr's names (diffusers names for the SD part, see the module
-    docstring for the rest) → Flax params. Strict. LDM-named checkpoints:
-    jaxsr.convert.coser_unet."""
-    from jaxsr.convert.tree import torch_to_flax
-
-    return torch_to_flax(state, param_shapes(config), what=what)

@@ -210,12 +210,3 @@ def param_shapes(config: CoSeRUNetConfig = COSER_UNET):
     model = CoSeRUNet(config)
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *dummy_inputs(config)))
     return shapes["params"]
-
-
-def load_coser_unet(state, config: CoSeRUNetConfig = COSER_UNET, *,
-                    what: str = "CoSeR AiA UNet"):
-    """A diffusers-named AiA UNet state dict (numpy) → Flax params. Strict. (LDM-named
-    CoSeR checkpoints: jaxsr.convert.coser_unet.)"""
-    from jaxsr.convert.tree import torch_to_flax
-
-    return torch_to_flax(state, param_shapes(config), what=what)

@@ -285,10 +285,3 @@ def param_shapes(config: UNetConfig):
     model = UNet2DConditionModel(config)
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *dummy_inputs(config)))
     return shapes["params"]
-
-
-def load_unet(state, config: UNetConfig, *, what: str = "unet checkpoint"):
-    """A diffusers-named UNet state dict (numpy) → Flax params. Strict."""
-    from jaxsr.convert.tree import torch_to_flax
-
-    return torch_to_flax(state, param_shapes(config), what=what)

@@ -5,8 +5,8 @@ Images are NHWC in [-1, 1]; latents NHWC with `latent_channels` channels at
 `config.scaling_factor` (0.18215) is the pipeline's job, as in diffusers.
 
 Parameter paths mirror diffusers' module names (`encoder/down_blocks_0/resnets_1/conv1`,
-`decoder/mid_block/attentions_0/to_q`, ...), so `load_vae` converts a diffusers
-state dict with the generic strict rule of `jaxsr.convert.tree`.
+`decoder/mid_block/attentions_0/to_q`, ...), so `jaxsr.convert.networks.load_vae`
+converts a diffusers state dict with the generic strict rule of `jaxsr.convert.tree`.
 
 Precision: the module `dtype` is the operand type of the convolutions and of the
 mid-block attention (which computes in `dtype` inside). Everything between the
@@ -357,14 +357,3 @@ def param_shapes(config: VAEConfig):
     """The Flax param tree as ShapeDtypeStructs, without allocating it."""
     model = AutoencoderKL(config)
     return jax.eval_shape(lambda: model.init(jax.random.key(0), dummy_image(config)))["params"]
-
-
-def load_vae(state, config: VAEConfig, *, what: str = "vae checkpoint"):
-    """A diffusers-named AutoencoderKL state dict (numpy arrays) -> Flax params.
-
-    Strict: raises `jaxsr.convert.tree.ConversionError` listing every missing,
-    unexpected or misshaped key.
-    """
-    from jaxsr.convert.tree import torch_to_flax
-
-    return torch_to_flax(state, param_shapes(config), what=what)

@@ -239,7 +239,7 @@ def stage2_nets(config, weights: StageWeights) -> obj.Stage2Nets:
 def stage2_params(nets: obj.Stage2Nets, weights: StageWeights, seed: int) -> tuple[dict, dict]:
     """(trainable {"unet_lna", "controlnet"}, frozen {"unet", "vae", "text_encoder",
     "cognitive"}), the AiA UNet and the ControlNet initialised from SD (coser_init)."""
-    from jaxsr.models.coser_init import aia_unet_params_from_sd, controlnet_params_from_sd
+    from jaxsr.convert.coser_init import aia_unet_params_from_sd, controlnet_params_from_sd
 
     sd_params = weights.sd_unet[1]
     aia = aia_unet_params_from_sd(sd_params, nets.unet.config, jax.random.key(seed))

@@ -16,10 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsr.convert.seesr_init import controlnet_params_from_unet
 from jaxsr.convert.seesr_weights import load_seesr_folder
 from jaxsr.diffusion.schedule import SchedulerConfig
 from jaxsr.models.clip_text import CLIPTextModel
-from jaxsr.models.controlnet import ControlNetModel, controlnet_params_from_unet
+from jaxsr.models.controlnet import ControlNetModel
 from jaxsr.models.dape import DAPE
 from jaxsr.models.tokenizer import load_tokenizer
 from jaxsr.models.unet import UNet2DConditionModel

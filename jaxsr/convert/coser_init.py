@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from jaxsr.convert.tree import ConversionError
 from jaxsr.models import coser_controlnet, coser_unet
 from jaxsr.models.coser_controlnet import COSER_CONTROLNET, CoSeRControlNetConfig
 from jaxsr.models.coser_unet import COSER_UNET, CoSeRUNetConfig
@@ -63,8 +64,6 @@ def aia_unet_params_from_sd(sd_unet_params, config: CoSeRUNetConfig = COSER_UNET
       ConversionError for AiA params SD lacks or shapes differently, and SD params the
       AiA UNet does not have.
     """
-    from jaxsr.convert.tree import ConversionError
-
     rng = jax.random.key(0) if rng is None else rng
     sd = traverse_util.flatten_dict(sd_unet_params)
     targets = traverse_util.flatten_dict(coser_unet.param_shapes(config))
@@ -106,8 +105,6 @@ def controlnet_params_from_sd(sd_unet_params,
     """SD UNet Flax params -> CoSeR ControlNet params for stage 2 (encoder copied by
     name, CoSeR's own convs zero). Raises ConversionError for encoder params the SD
     UNet lacks or shapes differently."""
-    from jaxsr.convert.tree import ConversionError
-
     sd = traverse_util.flatten_dict(sd_unet_params)
     targets = traverse_util.flatten_dict(coser_controlnet.param_shapes(config))
     out, missing, mismatched = {}, [], []
