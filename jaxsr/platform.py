@@ -26,6 +26,8 @@ untouched.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 
 CPU_XLA_FLAGS = {"--xla_cpu_experimental_ynn_fusion_type": "individual_dot",
@@ -41,7 +43,38 @@ def configure_xla_defaults() -> str:
         if name not in flags:
             flags = f"{flags} {name}={value}".strip()
     os.environ["XLA_FLAGS"] = flags
+    quiet_absent_tpu()
     return flags
+
+
+def tpu_present() -> bool:
+    """Whether this host has TPU chips (the device files a TPU VM exposes)."""
+    import glob
+
+    return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
+
+
+def quiet_absent_tpu() -> str | None:
+    """With libtpu installed (`jaxsr[tpu]`, for compiling TPU programs anywhere) on a
+    host without TPU chips, JAX would try to start a TPU backend and libtpu would
+    print pages of errors before JAX falls back. Unless the user chose platforms
+    (JAX_PLATFORMS), leave the TPU out: "cuda,cpu" where NVIDIA devices exist, else
+    "cpu". Compile-only TPU devices (`jaxsr plan`) do not need the backend. Returns
+    the platforms set, or None when nothing changed."""
+    import importlib.util
+    import sys
+
+    if os.environ.get("JAX_PLATFORMS") or tpu_present():
+        return None
+    if importlib.util.find_spec("libtpu") is None:
+        return None
+    import glob
+
+    platforms = "cuda,cpu" if glob.glob("/dev/nvidia[0-9]*") else "cpu"
+    os.environ["JAX_PLATFORMS"] = platforms
+    if "jax" in sys.modules:
+        sys.modules["jax"].config.update("jax_platforms", platforms)
+    return platforms
 
 
 # --------------------------------------------------------------- compute dtype choice
@@ -91,3 +124,31 @@ def resolve_compute_dtype(name: str) -> str:
     if name not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be auto, float32 or bfloat16, not {name!r}")
     return name
+
+
+_TARGET = contextvars.ContextVar("jaxsr_target_backend", default=None)
+
+
+def target_backend() -> str:
+    """The platform the program being traced will run on: "cpu", "gpu" or "tpu".
+
+    Normally jax.default_backend(). Inside `compiling_for(p)` it is p: `jaxsr plan`
+    traces on a CPU host for compile-only TPU devices, and the layers that choose
+    their form by platform (attention blocks, the CPU feed-forward steps) must choose
+    the form that will run there."""
+    target = _TARGET.get()
+    if target is not None:
+        return target
+    import jax
+
+    return jax.default_backend()
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str):
+    """Trace as if on `platform` (see `target_backend`)."""
+    token = _TARGET.set(platform)
+    try:
+        yield
+    finally:
+        _TARGET.reset(token)

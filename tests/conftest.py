@@ -3,12 +3,16 @@
 - float32 matmuls everywhere, so parity tests measure the model and not the
   backend's reduced-precision defaults;
 - 8 host CPU devices, so sharding code runs on a real multi-device mesh in-process
-  (single-device tests simply use device 0).
+  (single-device tests simply use device 0);
+- no TPU backend start where libtpu is installed but the host has no TPU.
 """
 
 import jax
 import pytest
 
+from jaxsr.platform import quiet_absent_tpu
+
+quiet_absent_tpu()      # libtpu (the tpu extra) on a host without TPU chips
 jax.config.update("jax_default_matmul_precision", "highest")
 jax.config.update("jax_num_cpu_devices", 8)
 

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxsr.nn.chunks import balanced_chunk
+from jaxsr.platform import target_backend
 
 BACKENDS = ("auto", "xla", "dpa", "cudnn")
 MIN_FLASH_KV_LEN = 256
@@ -118,7 +119,7 @@ def resolve_backend(backend: str, kv_len: int) -> str:
     """The concrete implementation `backend` means for a key sequence of `kv_len`."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
-    on_gpu = jax.default_backend() == "gpu"
+    on_gpu = target_backend() == "gpu"
     if backend == "auto":
         return "cudnn" if on_gpu and kv_len >= MIN_FLASH_KV_LEN else "xla"
     if backend == "cudnn" and kv_len < MIN_FLASH_KV_LEN:
@@ -142,7 +143,7 @@ def dot_product_attention(q, k, v, *, mask=None, backend: str = "xla", scale=Non
     if impl == "xla":
         if mask is None:
             _, lq, h, _ = q.shape
-            per_head, chunk = attention_plan(h, lq, k.shape[1], jax.default_backend() == "cpu")
+            per_head, chunk = attention_plan(h, lq, k.shape[1], target_backend() == "cpu")
             return _blocked_attention(q, k, v, scale, chunk, per_head)
         return _xla_attention(q, k, v, mask, scale)
     return jax.nn.dot_product_attention(

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from jaxsr.nn.attention import Attention
 from jaxsr.nn.chunks import balanced_chunk, map_row_chunks
 from jaxsr.nn.layers import GroupNorm, LayerNorm
+from jaxsr.platform import target_backend
 
 # Feed-forward hidden floats per batch item and `lax.map` step on the CPU ([rows, 8C]
 # after net_0/proj, 8 MB in float32; per item, so the steps and an image's result do
@@ -78,7 +79,7 @@ class GEGLUFeedForward(nn.Module):
         w_in, b_in = _GEGLUParams(2 * inner, name="net_0")(c)
         w_out, b_out = _DenseParams(c, name="net_2")(inner)
         ff = lambda rows: geglu_feed_forward(rows, w_in, b_in, w_out, b_out, self.dtype)
-        if jax.default_backend() != "cpu":
+        if target_backend() != "cpu":
             return ff(x)
         rows = max(CPU_FF_MIN_STEP_ROWS, CPU_FF_STEP_FLOATS // (2 * inner))
         return map_row_chunks(ff, x, balanced_chunk(length, rows))

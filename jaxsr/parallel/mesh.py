@@ -56,7 +56,7 @@ def make_mesh(axes: Sequence[tuple[str, int]] = (("data", -1),), devices=None) -
         dcn = [s if n == "dcn" else 1 for n, s in resolved]
         ici = [1 if n == "dcn" else s for n, s in resolved]
         grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
-    elif jax.default_backend() in ("tpu", "gpu"):
+    elif devices[0].platform in ("tpu", "gpu"):
         from jax.experimental import mesh_utils
 
         grid = mesh_utils.create_device_mesh(shape, devices)
