@@ -16,7 +16,7 @@ which is what the tests and `jaxsr quickstart` use).
 
 import ml_collections
 
-from configs import seesr
+from configs import seesr, sharding_rules
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -61,11 +61,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Mesh and sharding (big_vision style). The batch is split over every axis; the
     # trainable params and their optimizer state are FSDP-sharded over 'fsdp', the frozen
     # networks replicated (use 'fsdp' for them too when they do not fit).
+    # A 'tensor' axis (e.g. [("data", -1), ("fsdp", 4), ("tensor", 2)]) splits attention
+    # heads, the feed-forward width and ResNet channels Megatron-style
+    # (configs/sharding_rules.py); without one the rules are plain FSDP.
     config.mesh = [("data", -1), ("fsdp", 1)]
     config.sharding = dict(
-        trainable=[(".*", "fsdp(axis=fsdp, min_size_mb=0.5)")],
+        trainable=sharding_rules.tensor_parallel([(".*", "fsdp(axis=fsdp, min_size_mb=0.5)")]),
         frozen=[(".*", "replicate")],
     )
+    # The frozen networks (UNet, VAE, text encoder, DAPE) are held in this dtype; the
+    # base variant computes in bfloat16, so holding them in bfloat16 halves their
+    # memory (kernels are cast to the compute dtype at use either way).
+    config.frozen_dtype = config.model.dtype
 
     config.log_every = 5 if tiny else 50
     config.checkpoint_every = 20 if tiny else 2000
