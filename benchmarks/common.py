@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
+
+from jaxsr.plan.flops import unchunked  # noqa: F401 - the benchmarks' shared helper
 
 
 def time_call(fn, *, warmup: int, repeats: int) -> list[float]:
@@ -120,32 +120,6 @@ def xla_flops(compiled) -> float | None:
     if not cost or "flops" not in cost:
         return None
     return float(cost["flops"])
-
-
-@contextlib.contextmanager
-def unchunked():
-    """Trace jaxsr's row-chunked ops in one piece instead of a `lax.map`: softmax
-    attention, the argmax reference attention of CoSeR's AiA UNet and the CPU
-    feed-forward. The FLOPs are the same, but XLA's cost analysis counts a loop body
-    once, so a loop would hide all its other steps. Each module reads its threshold
-    at trace time, so they are raised while tracing; JAX's caches are cleared on the
-    way in and out, because a cached trace of the same function would not look."""
-    import jax
-
-    from jaxsr.nn import attention, hard_attention, transformer
-
-    knobs = [(attention, "MAX_ITEM_LOGITS"), (hard_attention, "MIN_CHUNKED_Q_LEN"),
-             (transformer, "CPU_FF_STEP_FLOATS")]
-    saved = [getattr(m, name) for m, name in knobs]
-    jax.clear_caches()
-    for m, name in knobs:
-        setattr(m, name, sys.maxsize)
-    try:
-        yield
-    finally:
-        for (m, name), value in zip(knobs, saved):
-            setattr(m, name, value)
-        jax.clear_caches()
 
 
 def _loop_equations(jaxpr) -> int:

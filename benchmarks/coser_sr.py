@@ -82,6 +82,7 @@ from benchmarks.common import (  # noqa: E402
     write_json,
     xla_flops,
 )
+from jaxsr.plan.flops import analytic_flops  # noqa: E402
 
 FULL_STEPS = 50
 PROMPT_TOKENS = 77
@@ -249,78 +250,6 @@ def compile_timed(fn, args, options=None):
 
 
 # --------------------------------------------------------------------------- FLOP counts
-
-def _subjaxprs(params):
-    for value in params.values():
-        for item in value if isinstance(value, tuple | list) else (value,):
-            if hasattr(item, "eqns"):
-                yield item
-            elif hasattr(getattr(item, "jaxpr", None), "eqns"):
-                yield item.jaxpr
-
-
-def _dot_macs(eqn) -> int:
-    (contract, _), _ = eqn.params["dimension_numbers"]
-    lhs = eqn.invars[0].aval.shape
-    return math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contract)
-
-
-def _conv_macs(eqn) -> int:
-    # Each output element sums over the kernel window and the input features of its
-    # group: the kernel's in-feature and spatial dims (rhs_spec[1:]).
-    rhs = eqn.invars[1].aval.shape
-    spec = eqn.params["dimension_numbers"].rhs_spec
-    return math.prod(eqn.outvars[0].aval.shape) * math.prod(rhs[d] for d in spec[1:])
-
-
-def count_macs(jaxpr) -> tuple[int, int, int]:
-    """(MACs with scans at their trip counts, MACs with every loop body once, MACs in
-    while loops of unknown trip count, counted once) of dot_general and
-    conv_general_dilated in a jaxpr and everything it calls. A cond counts its
-    costliest branch."""
-    total = once = in_while = 0
-    for eqn in jaxpr.eqns:
-        name = eqn.primitive.name
-        if name == "dot_general":
-            m = _dot_macs(eqn)
-            total, once = total + m, once + m
-        elif name == "conv_general_dilated":
-            m = _conv_macs(eqn)
-            total, once = total + m, once + m
-        elif name == "cond":
-            counts = [count_macs(b.jaxpr) for b in eqn.params["branches"]]
-            t, o, w = max(counts)
-            total, once, in_while = total + t, once + o, in_while + w
-        else:
-            reps = eqn.params["length"] if name == "scan" else 1
-            for sub in _subjaxprs(eqn.params):
-                t, o, w = count_macs(sub)
-                total, once = total + reps * t, once + o
-                in_while += reps * w + (t if name == "while" else 0)
-    return total, once, in_while
-
-
-def analytic_flops(fn, *args) -> dict:
-    """2 × conv/matmul MACs of `fn` traced on `args` (arrays or ShapeDtypeStructs),
-    after dead-code elimination."""
-    import jax
-
-    with unchunked():
-        jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
-    try:
-        # Tracing keeps work whose results are dropped (e.g. the encoder tail behind
-        # the CFW features); XLA deletes it, so the count must too. Private API: on
-        # failure count everything and say so.
-        from jax._src.interpreters import partial_eval as pe
-
-        jaxpr, _ = pe.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars))
-        pruned = True
-    except Exception:
-        pruned = False
-    total, once, in_while = count_macs(jaxpr)
-    return {"flops": 2.0 * total, "flops_loops_once": 2.0 * once,
-            "flops_in_unknown_loops": 2.0 * in_while, "dead_code_removed": pruned}
-
 
 def loop_body_counted_once() -> bool:
     """Whether XLA's cost analysis counts a fori_loop body once (True for the XLA of

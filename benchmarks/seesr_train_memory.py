@@ -24,7 +24,6 @@ import argparse
 import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -54,39 +53,19 @@ def main() -> None:
     from jax.sharding import PartitionSpec as P
 
     from configs import seesr_train
-    from jaxsr.demo import SD2_SCHEDULER_CONFIG, model_configs, write_tokenizer
-    from jaxsr.diffusion.schedule import SchedulerConfig
-    from jaxsr.models import clip_text, controlnet, dape, unet, vae
-    from jaxsr.models.tags import load_tag_list, load_thresholds
-    from jaxsr.models.tokenizer import load_tokenizer
     from jaxsr.parallel.mesh import batch_axes, make_mesh
     from jaxsr.parallel.sharding import infer_shardings
-    from jaxsr.train.prompt_tokens import TagTokenTable
-    from jaxsr.train.seesr_objective import SeeSRTrainNets, seesr_loss, split_unet
+    from jaxsr.plan.programs import seesr_train_networks
+    from jaxsr.train.seesr_objective import seesr_loss
     from jaxsr.train.seesr_trainer import degradation_fn
     from jaxsr.train.shardings import state_shardings
     from jaxsr.train.step import init_state, make_optimizer, train_step
 
     config = seesr_train.get_config(args.variant)
     config.data.crop_size = args.crop
-    unet_cfg, cn_cfg, vae_cfg, text_cfg, dape_cfg = model_configs(config.model)
-    dt = jnp.bfloat16
-    with tempfile.TemporaryDirectory() as tmp:
-        write_tokenizer(Path(tmp) / "tok")
-        tokenizer = load_tokenizer(Path(tmp) / "tok")
-        table = TagTokenTable.build(tokenizer, load_tag_list())
-    nets = SeeSRTrainNets(
-        unet=unet.UNet2DConditionModel(unet_cfg, dt), controlnet=controlnet.ControlNetModel(
-            cn_cfg, dt), vae=vae.AutoencoderKL(vae_cfg, dt),
-        text_encoder=clip_text.CLIPTextModel(text_cfg, dt), dape=dape.DAPE(dape_cfg, dtype=dt),
-        tag_table=table, thresholds=load_thresholds(),
-        alphas_cumprod=SchedulerConfig.from_diffusers(SD2_SCHEDULER_CONFIG, "ddpm")
-        .alphas_cumprod())
-    frozen_unet, rca = split_unet(unet.param_shapes(unet_cfg))
-    trainable = {"controlnet": controlnet.param_shapes(cn_cfg), "unet_rca": rca}
-    frozen = {"unet": frozen_unet, "vae": vae.param_shapes(vae_cfg),
-              "text_encoder": clip_text.param_shapes(text_cfg),
-              "dape": dape.param_shapes(dape_cfg)}
+    config.model.dtype = "bfloat16"
+    config.frozen_dtype = "float32"     # as measured before frozen weights went bf16
+    nets, trainable, frozen = seesr_train_networks(config)
     count = lambda t: sum(math.prod(x.shape) for x in jax.tree.leaves(t))
     n_train, n_frozen = count(trainable), count(frozen)
     print(f"trainable {n_train:,} params, frozen {n_frozen:,}", flush=True)

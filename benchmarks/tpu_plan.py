@@ -1,0 +1,140 @@
+"""The TPU plan table: full-size jaxsr programs compiled for real TPU slices from a
+CPU host (`jaxsr plan`), each row at the largest batch per chip that fits, with the
+best mesh of a small sweep.
+
+    python benchmarks/tpu_plan.py                       # every row (hours on 2 cores)
+    python benchmarks/tpu_plan.py --rows sample_v5e     # rows whose name contains it
+    python benchmarks/tpu_plan.py --list
+
+Each compile runs `jaxsr plan --json` in a fresh process (a full-size compile holds
+several GB; a failure costs one row). The batch search per (row, mesh): compile at
+batch b0 and 2·b0, extrapolate the memory per image to the HBM limit, and compile
+at that batch (and one lower if it does not fit). Every number is the compiler's
+(memory) or a roofline prediction from the chip table (time, MFU): nothing runs on
+a TPU. Writes benchmarks/results/tpu_plan.json and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import environment, print_table, write_json  # noqa: E402
+
+# name: (program, config, topology, meshes to sweep, fixed batches or None to search,
+#        extra CLI arguments)
+ROWS = {
+    "train_v5e_4x4": ("train", "configs/seesr_train.py", "v5e:4x4",
+                      ["[('data', -1), ('fsdp', 16)]",
+                       "[('data', -1), ('fsdp', 4), ('tensor', 4)]"], None, []),
+    "train_v5p_2x2x2": ("train", "configs/seesr_train.py", "v5p:2x2x2",
+                        ["[('data', -1), ('fsdp', 8)]", "[('data', -1), ('fsdp', 4)]"], None, []),
+    "train_v5p_4x4x4": ("train", "configs/seesr_train.py", "v5p:4x4x4",
+                        ["[('data', -1), ('fsdp', 8)]", "[('data', -1), ('fsdp', 16)]"], None, []),
+    "train_v6e_4x4": ("train", "configs/seesr_train.py", "v6e:4x4",
+                      ["[('data', -1), ('fsdp', 16)]", "[('data', -1), ('fsdp', 8)]"], None, []),
+    "sample_v5e_b1": ("sample", "configs/seesr.py", "v5e:1x1", ["[('data', 1)]"], [1], []),
+    "sample_v5e_b8": ("sample", "configs/seesr.py", "v5e:1x1", ["[('data', 1)]"], [8], []),
+    "sample_v5p_b1": ("sample", "configs/seesr.py", "v5p:1x1x1", ["[('data', 1)]"], [1], []),
+    "sample_v5p_b8": ("sample", "configs/seesr.py", "v5p:1x1x1", ["[('data', 1)]"], [8], []),
+    "sample_v6e_b1": ("sample", "configs/seesr.py", "v6e:1x1", ["[('data', 1)]"], [1], []),
+    "sample_v6e_b8": ("sample", "configs/seesr.py", "v6e:1x1", ["[('data', 1)]"], [8], []),
+}
+
+
+def run_plan(program, config, topology, mesh, batch, extra, timeout) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "plan.json"
+        cmd = [sys.executable, "-m", "jaxsr.cli", "plan", "--program", program, "--config",
+               config, "--topology", topology, "--mesh", mesh, "--batch-per-chip",
+               str(batch), "--json", str(out), *extra]
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode or not out.exists():
+            return {"error": (proc.stderr or proc.stdout)[-2000:], "batch_per_chip": batch,
+                    "topology": topology, "mesh_arg": mesh}
+        report = json.loads(out.read_text())
+        report["wall_s"] = round(time.perf_counter() - start, 1)
+        return report
+
+
+def search_batch(program, config, topology, mesh, extra, timeout, start=1) -> list[dict]:
+    """Compiles at start and 2·start, then at the extrapolated largest batch."""
+    tried = [run_plan(program, config, topology, mesh, b, extra, timeout)
+             for b in (start, 2 * start)]
+    if any("error" in r for r in tried):
+        return tried
+    (a, b) = tried
+    per_image = (b["memory"]["total"] - a["memory"]["total"]) / start
+    usable = a["hbm_bytes"] * 0.95
+    if per_image <= 0:
+        return tried
+    best = max(1, int((usable - a["memory"]["total"]) / per_image) + start)
+    if best <= 2 * start:
+        return tried
+    guess = run_plan(program, config, topology, mesh, best, extra, timeout)
+    tried.append(guess)
+    if "error" not in guess and not guess["fits"] and best - 1 > 2 * start:
+        tried.append(run_plan(program, config, topology, mesh, best - 1, extra, timeout))
+    return tried
+
+
+def row_summary(name: str, r: dict) -> dict:
+    if "error" in r:
+        return {"row": name, "topology": r["topology"], "mesh": r["mesh_arg"],
+                "batch/chip": r["batch_per_chip"], "fits": "error"}
+    p = r["predicted"]
+    return {"row": name, "topology": r["topology"], "mesh": str(r["mesh"]),
+            "batch/chip": r["batch_per_chip"], "GB/chip": r["memory"]["total"] / 1e9,
+            "HBM GB": r["hbm_bytes"] / 1e9, "fits": r["fits"],
+            "TFLOP/chip": r["flops_per_chip"] / 1e12,
+            "coll GB": sum(v["bytes"] for v in r["collectives"].values()) / 1e9,
+            "pred step s": p["step_s"], "pred img/s/chip": p["images_per_s_per_chip"],
+            "pred MFU": p["mfu"], "bound": p["bound"], "warnings": len(r["warnings"]),
+            "compile s": r["compile_s"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", default="", help="run rows whose name contains this")
+    ap.add_argument("--list", action="store_true")
+    ap.add_argument("--timeout", type=int, default=3600, help="seconds per compile")
+    ap.add_argument("--out", default="benchmarks/results/tpu_plan.json")
+    args = ap.parse_args()
+    if args.list:
+        print("\n".join(ROWS))
+        return
+    selected = {k: v for k, v in ROWS.items() if args.rows in k}
+    previous = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
+    results = dict(previous.get("rows", {}))
+    for name, (program, config, topology, meshes, batches, extra) in selected.items():
+        runs = []
+        for mesh in meshes:
+            if batches:
+                runs += [run_plan(program, config, topology, mesh, b, extra, args.timeout)
+                         for b in batches]
+            else:
+                runs += search_batch(program, config, topology, mesh, extra, args.timeout)
+        fitting = [r for r in runs if "error" not in r and r["fits"]]
+        # The best: most images per second per chip among the plans that fit.
+        best = max(fitting, key=lambda r: r["predicted"]["images_per_s_per_chip"],
+                   default=None)
+        results[name] = {"best": best, "runs": runs}
+        print_table([row_summary(name, r) for r in runs], list(row_summary(name, runs[0])))
+    table = [row_summary(n, v["best"]) for n, v in results.items() if v["best"]]
+    if table:
+        print("\nbest plan per row (predicted by a roofline, not measured):")
+        print_table(table, list(table[0]))
+    write_json(args.out, {"benchmark": "tpu_plan", "rows": results,
+                          "environment": environment()})
+
+
+if __name__ == "__main__":
+    main()

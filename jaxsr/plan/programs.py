@@ -1,0 +1,231 @@
+"""jaxsr's programs as abstract, sharded jit calls: shapes only, no weights, no
+allocation. `jaxsr plan` lowers and compiles them for a mesh.
+
+    program = seesr_train_program(config, mesh, batch_per_chip=2)
+    compiled = program.jitted.lower(*program.args).compile()
+
+A Program also says how many images one call processes and which of its argument
+bytes are trainable params, optimizer state, frozen params and the batch, per chip,
+from the shardings (exact, before the compiler adds anything).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tempfile
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxsr.parallel.mesh import batch_axes
+from jaxsr.parallel.sharding import infer_shardings
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass
+class Program:
+    name: str                      # "seesr train", "seesr sample"
+    jitted: Callable               # jax.jit(...) with in/out shardings
+    args: tuple                    # ShapeDtypeStructs carrying their shardings
+    images_per_call: int           # global images one call processes
+    argument_parts: dict           # {"params"|"optimizer"|"frozen"|"batch": bytes per chip}
+    notes: list = dataclasses.field(default_factory=list)
+
+
+def with_shardings(tree, shardings):
+    """ShapeDtypeStructs of `tree`'s leaves carrying `shardings`."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        tree, shardings)
+
+
+def bytes_per_chip(tree, shardings) -> int:
+    """Bytes of the largest shard of every leaf (what one chip holds)."""
+    return int(sum(math.prod(s.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
+                   for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings))))
+
+
+def as_dtype(tree, dtype):
+    """Floating leaves of an abstract tree in `dtype` (others unchanged)."""
+    def one(x):
+        if jnp.issubdtype(x.dtype, jnp.floating):
+            return jax.ShapeDtypeStruct(x.shape, dtype)
+        return x
+    return jax.tree.map(one, tree)
+
+
+def global_batch(mesh: Mesh, batch_per_chip: int) -> int:
+    """Images per step over the mesh's batch axes (every axis but 'tensor')."""
+    return batch_per_chip * math.prod(mesh.shape[a] for a in batch_axes(mesh))
+
+
+def _tag_table(tags):
+    from jaxsr.demo import write_tokenizer
+    from jaxsr.models.tokenizer import load_tokenizer
+    from jaxsr.train.prompt_tokens import TagTokenTable
+
+    # The table's shapes depend on the tag list, not on the vocabulary: the demo
+    # tokenizer stands in for the released one.
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer(Path(tmp) / "tok")
+        return TagTokenTable.build(load_tokenizer(Path(tmp) / "tok"), tags)
+
+
+def seesr_train_networks(config):
+    """(SeeSRTrainNets, abstract trainable tree, abstract frozen tree) of a
+    configs/seesr_train.py config, from its sizes alone (no weights)."""
+    from jaxsr.demo import SD2_SCHEDULER_CONFIG, model_configs
+    from jaxsr.diffusion.schedule import SchedulerConfig
+    from jaxsr.models import clip_text, controlnet, dape, unet, vae
+    from jaxsr.models.tags import load_tag_list, load_thresholds
+    from jaxsr.train.seesr_objective import SeeSRTrainNets, split_unet
+
+    dt = _DTYPES[config.model.dtype]
+    att = config.model.attention
+    unet_cfg, cn_cfg, vae_cfg, text_cfg, dape_cfg = model_configs(config.model)
+    nets = SeeSRTrainNets(
+        unet=unet.UNet2DConditionModel(unet_cfg, dt, attention=att),
+        controlnet=controlnet.ControlNetModel(cn_cfg, dt, attention=att),
+        vae=vae.AutoencoderKL(vae_cfg, dt, attention=att),
+        text_encoder=clip_text.CLIPTextModel(text_cfg, dt, attention=att),
+        dape=dape.DAPE(dape_cfg, dtype=dt, attention=att),
+        tag_table=_tag_table(load_tag_list()), thresholds=load_thresholds(),
+        alphas_cumprod=SchedulerConfig.from_diffusers(SD2_SCHEDULER_CONFIG, "ddpm")
+        .alphas_cumprod())
+    frozen_unet, rca = split_unet(unet.param_shapes(unet_cfg))
+    trainable = {"controlnet": controlnet.param_shapes(cn_cfg), "unet_rca": rca}
+    frozen = {"unet": frozen_unet, "vae": vae.param_shapes(vae_cfg),
+              "text_encoder": clip_text.param_shapes(text_cfg),
+              "dape": dape.param_shapes(dape_cfg)}
+    return nets, trainable, as_dtype(frozen, _DTYPES[config.get("frozen_dtype", "float32")])
+
+
+def seesr_train_program(config, mesh: Mesh, batch_per_chip: int) -> Program:
+    """The SeeSR train step (configs/seesr_train.py) on `mesh`: one micro-batch of
+    `batch_per_chip` crops per chip of the batch axes, degradation, frozen DAPE / text
+    encoder / VAE, ControlNet + UNet forward and backward, clip + AdamW, as
+    `jaxsr.train.loop` compiles it (state donated)."""
+    from jaxsr.train.seesr_objective import seesr_loss
+    from jaxsr.train.seesr_trainer import degradation_fn
+    from jaxsr.train.shardings import state_shardings
+    from jaxsr.train.step import init_state, make_optimizer, train_step
+
+    nets, trainable, frozen = seesr_train_networks(config)
+    tx, schedule = make_optimizer(config.optim)
+    degrade = degradation_fn(config)
+    ratio = float(config.null_text_ratio)
+
+    def loss_fn(params, fz, hr, keys):
+        return seesr_loss(nets, params, fz, hr.astype(jnp.float32) / 255.0, keys, degrade,
+                          ratio), {}
+
+    state = jax.eval_shape(partial(init_state, tx=tx, ema_decay=config.ema_decay), trainable)
+    state_sh = state_shardings(state, mesh, [tuple(r) for r in config.sharding.trainable])
+    frozen_sh = infer_shardings(frozen, mesh, [tuple(r) for r in config.sharding.frozen])
+    rep = NamedSharding(mesh, P())
+    batch_sh = NamedSharding(mesh, P(None, batch_axes(mesh)))
+    n = global_batch(mesh, batch_per_chip)
+    crop = int(config.data.crop_size)
+    batch = jax.ShapeDtypeStruct((1, n, crop, crop, 3), jnp.uint8, sharding=batch_sh)
+    ema = float(config.ema_decay)
+
+    def step(s, fz, b, k):
+        return train_step(loss_fn, tx, schedule, ema, s, fz, b, k)
+
+    jitted = jax.jit(step, in_shardings=(state_sh, frozen_sh, batch_sh, rep),
+                     out_shardings=(state_sh, rep), donate_argnums=(0,))
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    args = (with_shardings(state, state_sh), with_shardings(frozen, frozen_sh), batch,
+            jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep))
+    opt_bytes = bytes_per_chip(state.opt_state, state_sh.opt_state)
+    if state.ema is not None:
+        opt_bytes += bytes_per_chip(state.ema, state_sh.ema)
+    parts = {"params": bytes_per_chip(state.params, state_sh.params),
+             "optimizer": opt_bytes,
+             "frozen": bytes_per_chip(frozen, frozen_sh),
+             "batch": bytes_per_chip(batch, batch_sh)}
+    return Program("seesr train", jitted, args, n, parts)
+
+
+def seesr_sample_program(config, mesh: Mesh, batch_per_chip: int, size: int,
+                         steps: int | None = None) -> Program:
+    """SeeSR's device program (configs/seesr.py): VAE encode, the guided ControlNet +
+    UNet sampling loop, VAE decode and colour fix, for `size`² outputs, as
+    `SeeSRPipeline` jits it. Parameters are held as the pipeline holds them
+    (`jaxsr.pipelines.placement.held_dtype`: bfloat16 kernels when the networks
+    compute in bfloat16), placed by config.sharding.params (default: replicated)."""
+    from jaxsr.demo import SD2_SCHEDULER_CONFIG, model_configs
+    from jaxsr.diffusion.samplers import make_sampler
+    from jaxsr.diffusion.schedule import SchedulerConfig
+    from jaxsr.models import controlnet, dape, unet, vae
+    from jaxsr.pipelines.placement import held_dtype
+    from jaxsr.pipelines.seesr import SeeSROptions, sampling_settings
+    from jaxsr.pipelines.seesr_sampling import Networks, restore, skip_steps_above
+
+    dt = _DTYPES[config.get("dtype", "bfloat16")]
+    vdt = _DTYPES[config.get("vae_dtype", "float32")]
+    att = config.get("attention", "auto")
+    unet_cfg, cn_cfg, vae_cfg, text_cfg, dape_cfg = model_configs(config)
+    nets = Networks(unet=unet.UNet2DConditionModel(unet_cfg, dt, attention=att),
+                    controlnet=controlnet.ControlNetModel(cn_cfg, dt, attention=att),
+                    vae=vae.AutoencoderKL(vae_cfg, vdt, attention=att))
+    s = config.sampling
+    options = SeeSROptions(steps=int(steps or s.steps), sampler=s.sampler,
+                           guidance_scale=s.guidance_scale, start_timestep=s.start_timestep,
+                           color_fix=s.color_fix, latent_tile=s.latent_tile,
+                           latent_tile_overlap=s.latent_tile_overlap,
+                           vae_encoder_tile=s.vae_encoder_tile,
+                           vae_decoder_tile=s.vae_decoder_tile)
+    alphas = SchedulerConfig.from_diffusers(SD2_SCHEDULER_CONFIG, "ddpm").alphas_cumprod()
+    settings = sampling_settings(options, alphas)
+    plan = skip_steps_above(make_sampler(options.sampler, SD2_SCHEDULER_CONFIG,
+                                         options.steps), options.start_timestep)
+
+    def held(tree, dtype):
+        from flax import traverse_util
+
+        flat = traverse_util.flatten_dict(tree, sep="/")
+        return traverse_util.unflatten_dict(
+            {k: jax.ShapeDtypeStruct(v.shape, held_dtype(k, v.dtype, dtype))
+             for k, v in flat.items()}, sep="/")
+
+    params = {"unet": held(unet.param_shapes(unet_cfg), dt),
+              "controlnet": held(controlnet.param_shapes(cn_cfg), dt),
+              "vae": held(vae.param_shapes(vae_cfg), vdt)}
+    rules = [tuple(r) for r in config.get("sharding", {}).get("params", [(".*", "replicate")])]
+    params_sh = infer_shardings(params, mesh, rules)
+    n = global_batch(mesh, batch_per_chip)
+    ram = jax.eval_shape(
+        lambda p, x: dape.DAPE(dape_cfg, dtype=jnp.float32).apply({"params": p}, x)[0],
+        dape.param_shapes(dape_cfg),
+        jax.ShapeDtypeStruct((1, dape_cfg.swin.img_size, dape_cfg.swin.img_size, 3),
+                             jnp.float32))
+    guided = settings.guided
+    text_len, text_width = text_cfg.max_position_embeddings, text_cfg.hidden_size
+    bx = batch_axes(mesh)
+    batch_sh = NamedSharding(mesh, P(bx))
+    control = jax.ShapeDtypeStruct((n, size, size, 3), jnp.float32, sharding=batch_sh)
+    text = jax.ShapeDtypeStruct((n, 2, text_len, text_width) if guided
+                                else (n, text_len, text_width), jnp.float32,
+                                sharding=batch_sh)
+    ram_in = jax.ShapeDtypeStruct((n,) + ram.shape[1:], jnp.float32, sharding=batch_sh)
+    key = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), n))
+    keys = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=batch_sh)
+    fn = partial(restore, nets, settings)
+    jitted = jax.jit(fn, in_shardings=(params_sh, None, batch_sh, batch_sh, batch_sh,
+                                       batch_sh),
+                     out_shardings=batch_sh)
+    plan_arg = jax.tree.map(np.asarray, plan)
+    args = (with_shardings(params, params_sh), plan_arg, control, text, ram_in, keys)
+    parts = {"params": 0, "optimizer": 0, "frozen": bytes_per_chip(params, params_sh),
+             "batch": sum(bytes_per_chip(x, x.sharding) for x in (control, text, ram_in))}
+    return Program("seesr sample", jitted, args, n, parts,
+                   notes=[f"{plan.num_steps} {options.sampler} steps, guidance "
+                          f"{options.guidance_scale}, {size}² outputs"])

@@ -1,0 +1,233 @@
+"""`jaxsr plan`: real TPU compiles for compile-only devices (libtpu, the tpu extra).
+
+The tiny SeeSR train step and sampling program compile for v5e:2x2; the report's
+keys, memory split, collectives and warnings are checked against what the meshes
+must give. Parameter bytes per chip under FSDP and the tensor axis are checked on the
+full-size shapes (exact, from the shardings, no compile).
+"""
+
+import argparse
+import json
+import math
+import os
+
+import jax
+import pytest
+
+from configs import seesr_train, sharding_rules
+from jaxsr.plan.topology import libtpu_status
+
+_REASON = libtpu_status()
+pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"no TPU compiler: {_REASON}")
+
+REPORT_KEYS = {"topology", "chip", "chips", "mesh", "program", "batch_per_chip", "memory",
+               "hbm_bytes", "fits", "flops_per_chip", "hbm_traffic_bytes", "collectives",
+               "predicted", "warnings"}
+MEMORY_KEYS = {"params", "optimizer", "frozen", "batch", "temporaries", "generated_code",
+               "total"}
+KINDS = {"all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute"}
+
+
+def plan_args(**kw):
+    base = dict(program="train", config="configs/seesr_train.py:tiny", topology="v5e:2x2",
+                num_slices=1, mesh=None, batch_per_chip=1, size=None, steps=None,
+                repeats=1, json=None, config_overrides=[])
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_chip_table_matches_the_compile_only_devices():
+    from jaxsr.plan.chips import CHIPS
+    from jaxsr.plan.topology import tpu_topology
+
+    for name, topology in [("v4", "v4:2x2x1"), ("v5e", "v5e:1x1"), ("v5p", "v5p:2x2x1"),
+                           ("v6e", "v6e:1x1")]:
+        devices, chip = tpu_topology(topology)
+        chips = math.prod(int(x) for x in topology.split(":")[1].split("x"))
+        cores = len(devices) // chips       # v4: one device per TensorCore
+        assert devices[0].device_kind == chip.device_kind == CHIPS[name].device_kind
+        assert cores in (1, 2) and len(devices) == chips * cores
+        assert chip.peak_bf16_flops == CHIPS[name].peak_bf16_flops / cores
+        assert chip.source.startswith("https://cloud.google.com/tpu/docs/")
+        assert chip.peak_bf16_flops > 1e14 and chip.hbm_bytes > 1e10
+        assert chip.ici_bytes_per_s > chip.dcn_bytes_per_s > 0
+
+
+def test_captured_stderr_keeps_compiler_warnings_and_drops_libtpu_noise():
+    from jaxsr.plan.capture import capture_stderr
+
+    with capture_stderr() as log:
+        os.write(2, b"WARNING: could not determine TPU accelerator type, please set env var "
+                    b"`TPU_ACCELERATOR_TYPE` manually\n")
+        os.write(2, b"I1206 10:00:00.000000   123 compiler.cc:10] just information\n")
+        os.write(2, b"W1206 10:00:00.000000   123 spmd.cc:42] Involuntary full "
+                    b"rematerialization of a tensor\n")
+    assert log.warnings() == ["spmd.cc:42: Involuntary full rematerialization of a tensor"]
+
+
+def test_collectives_count_each_loop_iteration():
+    """An all-reduce inside a fori_loop of 5 steps counts 5 times per call."""
+    import numpy as np
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from jaxsr.parallel.mesh import make_mesh
+    from jaxsr.plan.hlo import collectives
+    from jaxsr.plan.topology import tpu_topology
+
+    devices, _ = tpu_topology("v5e:2x2")
+    mesh = make_mesh([("data", 4)], devices)
+    x = jax.ShapeDtypeStruct((4, 256), np.float32, sharding=NamedSharding(mesh, P("data")))
+
+    def counted(trips):
+        f = jax.jit(lambda v: jax.lax.fori_loop(
+            0, trips, lambda i, c: c * 0.5 + jnp_sum(c), v))
+        return collectives(f.lower(x).compile().as_text())["all-reduce"]
+
+    jnp_sum = lambda c: jax.numpy.sum(c, axis=0, keepdims=True)
+    one, five = counted(1), counted(5)
+    assert one["count"] >= 1
+    assert five["count"] == 5 * one["count"]
+    assert five["bytes"] == 5 * one["bytes"] == 5 * 256 * 4 * one["count"]
+    # An all-reduce over 4 chips sends 2 x 3/4 of its buffer from each chip.
+    assert five["wire_bytes"] == pytest.approx(1.5 * five["bytes"])
+
+
+@pytest.mark.parametrize("axes", [[("data", 4), ("fsdp", 2)], [("data", 2), ("fsdp", 4)],
+                                  [("data", 4), ("tensor", 2)], [("data", 2), ("tensor", 4)]])
+def test_full_size_trainable_bytes_per_chip_shrink_with_fsdp_and_tensor(axes):
+    """Full-size SeeSR trainable params (ControlNet + RCA, 3.0 GB in float32) per chip
+    under the config's rules: 1/fsdp and 1/tensor of the replicated size within 10%."""
+    from jaxsr.demo import model_configs
+    from jaxsr.models import controlnet, unet
+    from jaxsr.parallel.mesh import make_mesh
+    from jaxsr.parallel.sharding import infer_shardings
+    from jaxsr.plan.programs import bytes_per_chip
+    from jaxsr.train.seesr_objective import split_unet
+
+    config = seesr_train.get_config("base")
+    u, c, *_ = model_configs(config.model)
+    _, rca = split_unet(unet.param_shapes(u))
+    trainable = {"controlnet": controlnet.param_shapes(c), "unet_rca": rca}
+    rules = [tuple(r) for r in config.sharding.trainable]
+    full = bytes_per_chip(trainable, infer_shardings(trainable, make_mesh([("data", 8)]),
+                                                     rules))
+    split = dict(axes).get("fsdp", 1) * dict(axes).get("tensor", 1)
+    got = bytes_per_chip(trainable, infer_shardings(trainable, make_mesh(axes), rules))
+    assert full > 2.9e9
+    assert got == pytest.approx(full / split, rel=0.10)
+
+
+def _tiny_train_config():
+    """The tiny trainer with every trainable tensor large enough to split (its
+    tensors are far below the base variant's 0.5 MB FSDP threshold)."""
+    config = seesr_train.get_config("tiny")
+    config.sharding.trainable = sharding_rules.tensor_parallel(
+        [(".*", "fsdp(axis=fsdp, min_size_mb=0)")], fsdp_min_size_mb=0)
+    return config
+
+
+@pytest.fixture(scope="module")
+def replicated_params_bytes():
+    from jaxsr.parallel.mesh import make_mesh
+    from jaxsr.plan.programs import seesr_train_program
+    from jaxsr.plan.topology import tpu_topology
+    from jaxsr.platform import compiling_for
+
+    devices, _ = tpu_topology("v5e:2x2")
+    with compiling_for("tpu"):
+        program = seesr_train_program(_tiny_train_config(), make_mesh([("data", 4)], devices), 1)
+    return program.argument_parts["params"]
+
+
+@pytest.mark.parametrize("axes", [[("data", 2), ("fsdp", 2)], [("data", 2), ("tensor", 2)]],
+                         ids=["data_x_fsdp", "data_x_tensor"])
+def test_tiny_train_step_compiles_for_v5e_2x2(axes, replicated_params_bytes, tmp_path):
+    from jaxsr.commands.plan import build_plan
+
+    args = plan_args(mesh=repr(axes), batch_per_chip=1)
+    report = build_plan(args, config=_tiny_train_config())
+    json.dumps(report)                              # serialisable as written by --json
+    assert REPORT_KEYS <= set(report) and MEMORY_KEYS <= set(report["memory"])
+    assert set(report["collectives"]) == KINDS
+    assert report["chips"] == 4 and report["chip"] == "v5e" and report["fits"]
+    assert report["mesh"] == dict(axes)
+    assert not [w for w in report["warnings"] if "remat" in w.lower()], report["warnings"]
+    mem = report["memory"]
+    assert mem["params"] == pytest.approx(replicated_params_bytes / 2, rel=0.10)
+    # Adam's two moments are sharded like the params.
+    assert mem["optimizer"] == pytest.approx(2 * mem["params"], rel=0.01)
+    assert mem["temporaries"] > 0 and mem["total"] >= mem["arguments"]
+    coll = report["collectives"]
+    if "fsdp" in dict(axes):
+        assert coll["all-gather"]["count"] > 0 and coll["reduce-scatter"]["count"] > 0
+    else:
+        assert coll["all-reduce"]["count"] > 0
+    p = report["predicted"]
+    assert p["step_s"] > 0 and 0 < p["mfu"] <= 1 and p["bound"] in ("compute", "memory",
+                                                                      "collectives")
+    assert p["images_per_s_per_chip"] == pytest.approx(
+        report["images_per_step"] / 4 / p["step_s"])
+
+
+def test_cli_writes_the_report_for_the_tiny_sampling_program(tmp_path, capfd):
+    from jaxsr.cli import main
+
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--program", "sample", "--config", "configs/seesr.py:tiny",
+                 "--topology", "v5e:2x2", "--batch-per-chip", "1", "--size", "64",
+                 "--steps", "2", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert REPORT_KEYS <= set(report) and MEMORY_KEYS <= set(report["memory"])
+    assert report["program"] == "seesr sample" and report["mesh"] == {"data": 4}
+    assert report["memory"]["optimizer"] == 0 and report["fits"]
+    assert report["flops_per_chip"] > 0
+    printed = capfd.readouterr()
+    assert "predicted (roofline)" in printed.out
+    assert "TPU_ACCELERATOR_TYPE" not in printed.err
+
+
+def test_replica_group_formats():
+    from jaxsr.plan.hlo import replica_groups
+
+    assert replica_groups("x, replica_groups={{0,1},{2,3}}, y") == [[0, 1], [2, 3]]
+    assert replica_groups("x, replica_groups=[2,2]<=[4], y") == [[0, 1], [2, 3]]
+    assert replica_groups("x, replica_groups=[2,2]<=[2,2]T(1,0), y") == [[0, 2], [1, 3]]
+    assert replica_groups("source_target_pairs={{0,1},{1,0}}, x") == [[0, 1], [1, 0]]
+    mesh = ("replica_groups=mesh['axis_0'=2,'axis_1'=2], device_ids=([2,2]T(1,0)) "
+            "{'axis_0'}, use")
+    # devices laid [[0, 2], [1, 3]] over (axis_0, axis_1); groups vary along axis_0.
+    assert replica_groups(mesh) == [[0, 1], [2, 3]]
+
+
+def test_multislice_collectives_over_the_dcn_axis_are_counted_as_dcn():
+    """Two v5e:2x2 slices: a sum over the 'dcn' axis crosses slices, one over 'data'
+    stays inside each slice."""
+    import numpy as np
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from jaxsr.parallel.mesh import make_mesh
+    from jaxsr.plan.hlo import collectives
+    from jaxsr.plan.topology import tpu_topology
+
+    devices, _ = tpu_topology("v5e:2x2", num_slices=2)
+    assert {d.slice_index for d in devices} == {0, 1}
+    mesh = make_mesh([("dcn", 2), ("data", 4)], devices)
+    flat = list(mesh.devices.flat)
+    assert [d.slice_index for d in flat] == [0] * 4 + [1] * 4
+
+    def all_reduce_over(axis):
+        x = jax.ShapeDtypeStruct((8, 1024), np.float32,
+                                 sharding=NamedSharding(mesh, P(("dcn", "data"))))
+        spec = P("data") if axis == "dcn" else P("dcn")
+        f = jax.jit(lambda v: v.reshape(2, 4, 1024).sum(axis=0 if axis == "dcn" else 1),
+                    out_shardings=NamedSharding(mesh, spec))
+        text = f.lower(x).compile().as_text()
+        got = collectives(text, slice_of=lambda i: flat[i].slice_index)
+        return sum(v["wire_bytes"] for k, v in got.items() if isinstance(v, dict)), sum(
+            v["dcn_wire_bytes"] for k, v in got.items() if isinstance(v, dict))
+
+    wire, dcn = all_reduce_over("dcn")
+    assert wire > 0 and dcn == wire
+    wire, dcn = all_reduce_over("data")
+    assert wire > 0 and dcn == 0
