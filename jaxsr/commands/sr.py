@@ -170,9 +170,14 @@ def register(sub) -> None:
 
     r = p.add_argument_group("runtime")
     r.add_argument("--batch-size", type=_positive_int,
-                   help="images per compiled call (default: the number of devices)")
+                   help="images per compiled call (default: the number of devices, over "
+                        "--spatial-shards)")
     r.add_argument("--devices", type=_positive_int,
                    help="use the first N local devices (default: all)")
+    r.add_argument("--spatial-shards", type=_positive_int, default=1,
+                   help="SeeSR: split each image's height over N of the devices (the "
+                        "rest split the batch), an alternative to latent tiling for large "
+                        "outputs; raise --latent-tile to run untiled")
     r.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="compute dtype of the UNet, ControlNet and text encoder, which also "
                         "hold their weights in it; auto (default): bfloat16 on GPUs, TPUs "
@@ -290,9 +295,14 @@ def _load_pipeline(args, model: str):
         from jaxsr.pipelines.coser import CoSeRPipeline as Pipeline
     else:
         from jaxsr.pipelines.seesr import SeeSRPipeline as Pipeline
+    extra = {}
+    if args.spatial_shards != 1:
+        if model == "coser":
+            raise ValueError("--spatial-shards is for SeeSR; CoSeR tiles its latents")
+        extra["spatial_shards"] = args.spatial_shards
     try:
         return Pipeline.from_pretrained(args.weights, dtype=args.dtype,
-                                        attention=args.attention, devices=devices)
+                                        attention=args.attention, devices=devices, **extra)
     except KeyError as e:          # a manifest naming a module whose files are gone
         raise ValueError(f"{args.weights} is incomplete ({e}); run `jaxsr convert` again") \
             from None
@@ -386,7 +396,7 @@ def _process(pipe, sized, options, args, model: str = "seesr") -> tuple[int, int
     buckets: dict[tuple[int, int], list] = {}     # insertion order = first input's order
     for job, size in sized:
         buckets.setdefault(pipe.bucket_key(size, options), []).append(job)
-    batch_size = args.batch_size or pipe.num_devices
+    batch_size = args.batch_size or pipe.batch_multiple
     progress = Progress(len(sized))
     written = failed = 0
     for key, members in buckets.items():

@@ -65,9 +65,14 @@ def make_mesh(axes: Sequence[tuple[str, int]] = (("data", -1),), devices=None) -
     return Mesh(grid, names, axis_types=(AxisType.Auto,) * len(names))
 
 
+# Axes that split something other than the batch: model width ('tensor') and the
+# image height of spatially sharded sampling ('space').
+NON_BATCH_AXES = ("tensor", "space")
+
+
 def batch_axes(mesh: Mesh) -> tuple[str, ...]:
-    """Every mesh axis that splits the batch (all but 'tensor')."""
-    return tuple(n for n in mesh.axis_names if n != "tensor")
+    """Every mesh axis that splits the batch (all but 'tensor' and 'space')."""
+    return tuple(n for n in mesh.axis_names if n not in NON_BATCH_AXES)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -275,6 +275,11 @@ class CoSeRPipeline:
         return len(self.devices)
 
     @property
+    def batch_multiple(self) -> int:
+        """Images per compiled call are padded to a multiple of this (the devices)."""
+        return len(self.devices)
+
+    @property
     def has_cfw(self) -> bool:
         return self._nets.cfw is not None
 

@@ -197,7 +197,8 @@ class SeeSRPipeline:
     """Loaded SeeSR networks, jitted per size bucket. See the module docstring."""
 
     def __init__(self, weights: SeeSRWeights, *, dtype="auto", vae_dtype="float32",
-                 dape_dtype="float32", attention: str = "auto", devices=None):
+                 dape_dtype="float32", attention: str = "auto", devices=None,
+                 spatial_shards: int = 1):
         """weights: as `load_seesr_folder` gives them, numpy or already placed (see
         `from_pretrained`, which places them while reading). The pipeline keeps the
         parameters on its devices only, in `placement.held_dtype`; `self.weights`
@@ -206,11 +207,18 @@ class SeeSRPipeline:
         dtype: compute dtype of the UNet, ControlNet and text encoder: "auto" (bfloat16
         on accelerators and CPUs with native bfloat16, else float32), "bfloat16" or
         "float32". vae_dtype, dape_dtype: the VAE's and DAPE's (float32 by default).
+        spatial_shards: split each image's height over this many devices (a 'space'
+        mesh axis; the rest split the batch): an alternative to latent tiling for
+        large outputs. The partitioner exchanges the convolutions' halo rows and
+        gathers attention's keys and values; the image is the untiled one.
         """
         dt, vdt, ddt = (compute_dtype(d) for d in (dtype, vae_dtype, dape_dtype))
         self.devices = list(jax.local_devices() if devices is None else devices)
-        self.mesh = make_mesh((("data", -1),), self.devices)
+        _check_spatial(self.devices, spatial_shards)
+        self.spatial_shards = spatial_shards
+        self.mesh = make_mesh((("data", -1), ("space", spatial_shards)), self.devices)
         self._batch = NamedSharding(self.mesh, P("data"))
+        self._control = NamedSharding(self.mesh, P("data", "space"))
         self._steps_sharding = NamedSharding(self.mesh, P(None, "data"))
         self.dtype = dt
 
@@ -227,7 +235,7 @@ class SeeSRPipeline:
             raise FileNotFoundError("the weights folder has no tokenizer/; reconvert with "
                                     "jaxsr convert")
         self.tokenizer = load_tokenizer(weights.tokenizer_dir)
-        place = _placement(self.devices, dt, vdt, ddt)
+        place = _placement(self.devices, dt, vdt, ddt, spatial_shards)
         self.params = {name: place.tree(name, getattr(weights, name)[1])
                        for name in ("unet", "controlnet", "vae")}
         self.text_params = place.tree("text_encoder", weights.text_encoder[1])
@@ -253,7 +261,8 @@ class SeeSRPipeline:
         """
         devices = list(jax.local_devices() if devices is None else devices)
         dt, vdt, ddt = (compute_dtype(d) for d in (dtype, vae_dtype, dape_dtype))
-        place = _placement(devices, dt, vdt, ddt)
+        _check_spatial(devices, kwargs.get("spatial_shards", 1))
+        place = _placement(devices, dt, vdt, ddt, kwargs.get("spatial_shards", 1))
         if check_memory and memory.check_enabled():
             info = tensor_info(folder)
             held = lambda dtypes: sum(held_bytes(info[m], dtypes.get(m, jnp.float32))
@@ -271,6 +280,12 @@ class SeeSRPipeline:
     @property
     def num_devices(self) -> int:
         return len(self.devices)
+
+    @property
+    def batch_multiple(self) -> int:
+        """Images per compiled call are padded to a multiple of this (the devices that
+        split the batch: all of them unless some split the height)."""
+        return len(self.devices) // self.spatial_shards
 
     # ------------------------------------------------------------------ host steps
     def bucket_key(self, image, options: SeeSROptions | None = None) -> tuple[int, int]:
@@ -293,7 +308,7 @@ class SeeSRPipeline:
         size = self.weights.dape[0].swin.img_size
         batch = np.stack([dape_input(im, size) for im in images])
         n = len(images)
-        padded = pad_rows(batch, -(-n // self.num_devices) * self.num_devices)
+        padded = pad_rows(batch, -(-n // self.batch_multiple) * self.batch_multiple)
         embeds, logits = self._dape_fn(self.dape_params, jax.device_put(padded, self._batch))
         tags = hard_prompt(np.asarray(logits)[:n], self.weights.tags, self.weights.thresholds)
         return tags, embeds[:n]
@@ -302,7 +317,7 @@ class SeeSRPipeline:
         """Prompts → text-encoder hidden states [B, 77, D] float32."""
         ids = tokenize(self.tokenizer, list(prompts))
         n = len(prompts)
-        padded = pad_rows(ids, -(-n // self.num_devices) * self.num_devices)
+        padded = pad_rows(ids, -(-n // self.batch_multiple) * self.batch_multiple)
         return self._text_fn(self.text_params, jax.device_put(padded, self._batch))[:n]
 
     # ---------------------------------------------------------------- device step
@@ -324,7 +339,7 @@ class SeeSRPipeline:
     def _run_bucket(self, images, ids, options, seed, noises):
         """One batch of same-bucket images → (uint8 outputs, positive prompts)."""
         n = len(images)
-        m = -(-n // self.num_devices) * self.num_devices
+        m = -(-n // self.batch_multiple) * self.batch_multiple
         tags, ram = self.tag_prompts(images)
         prompts = [options.positive_prompt(t) for t in tags]
         settings = self._settings(options)
@@ -349,7 +364,7 @@ class SeeSRPipeline:
                                         self._steps_sharding)}
         out = self._restore_fn(settings)(
             self.params, self._plan(options),
-            jax.device_put(pad_rows(control, m), self._batch),
+            jax.device_put(pad_rows(control, m), self._control),
             jax.device_put(text, self._batch),
             jax.device_put(_pad_dev(ram, m), self._batch),
             jax.device_put(keys, self._batch), noise_arrays)
@@ -373,15 +388,15 @@ class SeeSRPipeline:
         ids: per-image integers for the random streams (default 0, 1, ...).
         noises: explicit draws for all images at once (then they must share one size
           bucket and fit one batch); for matching a reference run.
-        batch_size: images per compiled call (default: the device count); a batch is
-          padded to a multiple of the device count.
+        batch_size: images per compiled call (default: `batch_multiple`, the device
+          count without spatial sharding); a batch is padded to a multiple of it.
         """
         options = options or SeeSROptions()
         arrays = [as_rgb_array(im) for im in images]
         ids = list(range(len(arrays))) if ids is None else [int(i) for i in ids]
         if len(ids) != len(arrays):
             raise ValueError(f"{len(ids)} ids for {len(arrays)} images")
-        batch_size = batch_size or self.num_devices
+        batch_size = batch_size or self.batch_multiple
         buckets: dict[tuple[int, int], list[int]] = {}
         for k, im in enumerate(arrays):
             buckets.setdefault(self.bucket_key(im, options), []).append(k)
@@ -401,9 +416,15 @@ class SeeSRPipeline:
         return (outputs, prompts) if return_prompts else outputs
 
 
-def _placement(devices, dt, vdt, ddt) -> Placement:
-    """Replicated over the pipeline's data mesh, each network in its compute dtype."""
-    rep = NamedSharding(make_mesh((("data", -1),), devices), P())
+def _check_spatial(devices, spatial_shards: int) -> None:
+    if spatial_shards < 1 or len(devices) % spatial_shards:
+        raise ValueError(f"spatial_shards {spatial_shards} must divide the "
+                         f"{len(devices)} devices")
+
+
+def _placement(devices, dt, vdt, ddt, spatial_shards: int = 1) -> Placement:
+    """Replicated over the pipeline's mesh, each network in its compute dtype."""
+    rep = NamedSharding(make_mesh((("data", -1), ("space", spatial_shards)), devices), P())
     return Placement({"unet": dt, "controlnet": dt, "text_encoder": dt, "vae": vdt,
                       "dape": ddt}, rep)
 

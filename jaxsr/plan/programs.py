@@ -211,7 +211,10 @@ def seesr_sample_program(config, mesh: Mesh, batch_per_chip: int, size: int,
     text_len, text_width = text_cfg.max_position_embeddings, text_cfg.hidden_size
     bx = batch_axes(mesh)
     batch_sh = NamedSharding(mesh, P(bx))
-    control = jax.ShapeDtypeStruct((n, size, size, 3), jnp.float32, sharding=batch_sh)
+    # A 'space' axis splits each image's height (SeeSRPipeline(spatial_shards=...)).
+    control_sh = NamedSharding(mesh, P(bx, "space")) if "space" in mesh.axis_names \
+        else batch_sh
+    control = jax.ShapeDtypeStruct((n, size, size, 3), jnp.float32, sharding=control_sh)
     text = jax.ShapeDtypeStruct((n, 2, text_len, text_width) if guided
                                 else (n, text_len, text_width), jnp.float32,
                                 sharding=batch_sh)
@@ -219,9 +222,9 @@ def seesr_sample_program(config, mesh: Mesh, batch_per_chip: int, size: int,
     key = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), n))
     keys = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=batch_sh)
     fn = partial(restore, nets, settings)
-    jitted = jax.jit(fn, in_shardings=(params_sh, None, batch_sh, batch_sh, batch_sh,
+    jitted = jax.jit(fn, in_shardings=(params_sh, None, control_sh, batch_sh, batch_sh,
                                        batch_sh),
-                     out_shardings=batch_sh)
+                     out_shardings=control_sh)
     plan_arg = jax.tree.map(np.asarray, plan)
     args = (with_shardings(params, params_sh), plan_arg, control, text, ram_in, keys)
     parts = {"params": 0, "optimizer": 0, "frozen": bytes_per_chip(params, params_sh),
