@@ -23,7 +23,7 @@ from jaxsr.commands.sr import build_options
 from jaxsr.data.image_io import load_image
 from jaxsr.inference.inputs import discover, for_process, plan_jobs
 from jaxsr.pipelines.seesr import SeeSROptions, SeeSRPipeline
-from tests.parity import psnr_uint8
+from tests.parity import assert_within_levels, psnr_uint8
 from tests.test_convert_seesr_cli import _convert, write_tiny_release
 
 H, W = 10, 12                          # every good input: one size bucket, one compile
@@ -203,6 +203,35 @@ def test_upscale_conditioning_and_start_steps_match_the_api(env, api, capsys, tm
     assert got.shape == (2 * H, 2 * W, 3)
     with capsys.disabled():
         assert_same_image(got, want, "upscale 2, conditioning 0.5, start 500")
+
+
+@pytest.mark.slow        # one more sampling program on two devices: about 60 s
+def test_spatial_shards_match_the_api(env, api, capsys, tmp_path):
+    """--devices 2 --spatial-shards 2: the image's height split over two host devices,
+    against the one-device API. Float32 sums per shard round differently, so the
+    bound is the pipeline test's (tests/test_seesr_pipeline.py): at most 4 levels on
+    at most 1 % of the values, >= 60 dB."""
+    root, inputs = env
+    out = tmp_path / "out"
+    argv = ["sr", str(inputs / "photo.png"), "--output", str(out), "--weights",
+            str(root / "weights"), "--steps", "2", "--process-size", "32", "--devices", "2",
+            "--spatial-shards", "2", "--dtype", "float32", "--seed", "5"]
+    assert cli_main(argv) == 0
+    [want] = api.upscale([load_image(inputs / "photo.png")], options=SeeSROptions(**FAST),
+                         seed=5, ids=streams(["photo.png"]), batch_size=1)
+    got = np.asarray(Image.open(out / "photo.png"))
+    with capsys.disabled():
+        print(f"spatial shards 2 vs one device: PSNR {psnr_uint8(got, want):.1f} dB")
+    assert_within_levels(got, want, levels=4, fraction=0.01, what="--spatial-shards 2")
+    assert psnr_uint8(got, want) >= 60.0
+
+
+def test_spatial_shards_must_divide_the_devices(env, capsys, tmp_path):
+    root, inputs = env
+    assert cli_main(["sr", str(inputs / "photo.png"), "--output", str(tmp_path / "o"),
+                     "--weights", str(root / "weights"), "--devices", "2",
+                     "--spatial-shards", "3"]) == 2
+    assert "spatial_shards 3 must divide the 2 devices" in capsys.readouterr().err
 
 
 @pytest.mark.slow        # one more sampling program: about 60 s
