@@ -11,7 +11,8 @@ several GB; a failure costs one row). The batch search per (row, mesh): compile 
 batch b0 and 2·b0, extrapolate the memory per image to the HBM limit, and compile
 at that batch (and one lower if it does not fit). Every number is the compiler's
 (memory) or a roofline prediction from the chip table (time, MFU): nothing runs on
-a TPU. Writes benchmarks/results/tpu_plan.json and prints the table.
+a TPU. Writes benchmarks/results/tpu_plan/<row>.json (every compile of the row, and
+the best) and prints the table; rows run before are kept and re-listed.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ ROWS = {
     "train_v6e_4x4": ("train", "configs/seesr_train.py", "v6e:4x4",
                       ["[('data', -1), ('fsdp', 16)]", "[('data', -1), ('fsdp', 8)]"], None, []),
     "sample_v5e_b1": ("sample", "configs/seesr.py", "v5e:1x1", ["[('data', 1)]"], [1], []),
+    "sample_v5e_b4": ("sample", "configs/seesr.py", "v5e:1x1", ["[('data', 1)]"], [4], []),
     "sample_v5e_b8": ("sample", "configs/seesr.py", "v5e:1x1", ["[('data', 1)]"], [8], []),
     "sample_v5p_b1": ("sample", "configs/seesr.py", "v5p:1x1x1", ["[('data', 1)]"], [1], []),
     "sample_v5p_b8": ("sample", "configs/seesr.py", "v5p:1x1x1", ["[('data', 1)]"], [8], []),
@@ -106,15 +108,15 @@ def main() -> None:
     ap.add_argument("--rows", default="", help="run rows whose name contains this")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per compile")
-    ap.add_argument("--out", default="benchmarks/results/tpu_plan.json")
+    ap.add_argument("--out-dir", default="benchmarks/results/tpu_plan")
     args = ap.parse_args()
     if args.list:
         print("\n".join(ROWS))
         return
-    selected = {k: v for k, v in ROWS.items() if args.rows in k}
-    previous = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
-    results = dict(previous.get("rows", {}))
-    for name, (program, config, topology, meshes, batches, extra) in selected.items():
+    out_dir = Path(args.out_dir)
+    for name, (program, config, topology, meshes, batches, extra) in ROWS.items():
+        if args.rows not in name:
+            continue
         runs = []
         for mesh in meshes:
             if batches:
@@ -126,14 +128,19 @@ def main() -> None:
         # The best: most images per second per chip among the plans that fit.
         best = max(fitting, key=lambda r: r["predicted"]["images_per_s_per_chip"],
                    default=None)
-        results[name] = {"best": best, "runs": runs}
+        write_json(out_dir / f"{name}.json", {"benchmark": "tpu_plan", "row": name,
+                                              "best": best, "runs": runs,
+                                              "environment": environment()})
         print_table([row_summary(name, r) for r in runs], list(row_summary(name, runs[0])))
-    table = [row_summary(n, v["best"]) for n, v in results.items() if v["best"]]
+    table = []
+    for path in sorted(out_dir.glob("*.json")):
+        saved = json.loads(path.read_text())
+        if saved.get("best"):
+            table.append(row_summary(saved["row"], saved["best"]))
     if table:
-        print("\nbest plan per row (predicted by a roofline, not measured):")
+        print("\nbest plan per row (memory from the compiler; time and MFU predicted by "
+              "a roofline, not measured):")
         print_table(table, list(table[0]))
-    write_json(args.out, {"benchmark": "tpu_plan", "rows": results,
-                          "environment": environment()})
 
 
 if __name__ == "__main__":

@@ -41,11 +41,11 @@ def compile_program(program: Program):
     """(compiled, seconds to compile, compiler warnings, FLOP counts). One trace gives
     both the FLOP count and the lowering."""
     start = time.perf_counter()
-    traced = program.jitted.trace(*program.args)
-    counted = jaxpr_flops(traced.jaxpr.jaxpr)
-    lowered = traced.lower()
+    # libtpu may log again while lowering for a multi-host slice: capture it all.
     with capture_stderr() as log:
-        compiled = lowered.compile()
+        traced = program.jitted.trace(*program.args)
+        counted = jaxpr_flops(traced.jaxpr.jaxpr)
+        compiled = traced.lower().compile()
     return compiled, time.perf_counter() - start, log.warnings(), counted
 
 
