@@ -6,6 +6,8 @@ what it needs per chip.
     jaxsr plan --program sample --config configs/seesr.py --topology v5e:1x1 \\
         --batch-per-chip 4 --size 512
     jaxsr plan --program train --config configs/seesr_train.py:tiny --topology attached
+    jaxsr plan --program train --config configs/coser_train.py:stage2 --topology v5p:2x2x1 \\
+        --mesh "[('data', 2), ('fsdp', 2)]"
 
 No weights are read and nothing is allocated: the program is lowered from abstract
 shapes and compiled by the real TPU compiler (libtpu, `pip install 'jaxsr[tpu]'`),
@@ -17,8 +19,10 @@ a model, not a measurement.
 
 `--topology attached` compiles for the devices this process has (CPU host devices,
 or a GPU) and also runs the program on zeros, to report the measured step time
-beside the prediction. Config files are the trainers' (configs/seesr_train.py) for
---program train and the model's (configs/seesr.py) for --program sample.
+beside the prediction. Config files are the trainers' for --program train (config.task
+picks the step: configs/seesr_train.py, configs/dape_train.py, configs/coser_train.py
+stage 1 or 2; every network at the config's sizes, no weights needed) and the model's
+(configs/seesr.py) for --program sample.
 """
 
 from __future__ import annotations
@@ -35,8 +39,10 @@ def register(sub) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--program", required=True, choices=["train", "sample"])
     p.add_argument("--config", required=True, metavar="FILE.py[:VARIANT]",
-                   help="configs/seesr_train.py[:tiny] (train) or configs/seesr.py[:tiny] "
-                        "(sample); override fields with --config.a.b=v")
+                   help="a trainer's config (train): configs/seesr_train.py[:tiny], "
+                        "configs/dape_train.py[:tiny], configs/coser_train.py:stage1[_tiny] "
+                        "or :stage2[_tiny]; configs/seesr.py[:tiny] (sample); override "
+                        "fields with --config.a.b=v")
     p.add_argument("--topology", required=True,
                    help="GENERATION:AxB[xC] (v4, v5e, v5p, v6e; e.g. v5p:4x4x4, v5e:1x1) "
                         "or 'attached'")
@@ -75,6 +81,7 @@ def build_plan(args, config=None) -> dict:
     from jaxsr.plan.programs import seesr_sample_program, seesr_train_program
     from jaxsr.plan.report import measure, plan_program
     from jaxsr.plan.topology import tpu_topology
+    from jaxsr.plan.trainers import coser_train_program, dape_train_program
     from jaxsr.platform import compiling_for
     from jaxsr.train.config_file import load_config
 
@@ -99,13 +106,17 @@ def build_plan(args, config=None) -> dict:
     mesh = make_mesh(axes, devices)
     with compiling_for(platform):
         if args.program == "train":
+            programs = {"seesr": seesr_train_program, "dape": dape_train_program,
+                        "coser_stage1": coser_train_program,
+                        "coser_stage2": coser_train_program}
             task = config.get("task", "seesr")
-            if task != "seesr":
-                raise ValueError(f"jaxsr plan compiles SeeSR's train step; config.task is "
+            if task not in programs:
+                raise ValueError(f"jaxsr plan compiles the train step of config.task "
+                                 f"{', '.join(map(repr, programs))}; this config's is "
                                  f"{task!r}")
             if args.size:
                 config.data.crop_size = args.size
-            program = seesr_train_program(config, mesh, args.batch_per_chip)
+            program = programs[task](config, mesh, args.batch_per_chip)
         else:
             program = seesr_sample_program(config, mesh, args.batch_per_chip,
                                            args.size or 512, args.steps)

@@ -47,7 +47,7 @@ from jaxsr.train.export import export_coser, gather_to_host
 from jaxsr.train.loop import EXIT_TERMINATED, Task, TrainResult, run
 
 __all__ = ["EXIT_TERMINATED", "STAGE1_FILE", "STAGE2_FOLDER", "TrainResult", "coser_task",
-           "train"]
+           "train", "weight_shapes"]
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 STAGE1_FILE = "coser_stage1.safetensors"
 STAGE2_FOLDER = "coser_weights"
@@ -88,9 +88,39 @@ def fresh_cognitive(cfg: CognitiveConfig, seed: int) -> dict:
     return jax.tree.map(np.asarray, params)
 
 
-def _random_weights(config, stage: int) -> StageWeights:
-    from jaxsr.demo import random_params, write_tokenizer
+def _demo_tokenizer():
+    """The character-level test tokenizer (jaxsr.demo)."""
+    from jaxsr.demo import write_tokenizer
     from jaxsr.models.tokenizer import load_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer(Path(tmp))
+        return load_tokenizer(tmp)     # read now, before the folder goes away
+
+
+def weight_shapes(config, stage: int) -> StageWeights:
+    """StageWeights whose params are ShapeDtypeStructs at config.model's sizes (nothing
+    read or drawn): what `jaxsr plan` compiles. The base variants' sizes are
+    SD-2.1-base's, open_clip's ViT-H/14 and CoSeR's SRResNet and Q-Former, the
+    architectures `init` names; the tokenizer is the test one (only the ids of "" come
+    from it, a constant of the program)."""
+    from jaxsr.models import cognitive
+
+    m = config.model
+    cog_cfg = cognitive_config(config)
+    text_cfg = clip_text.CLIPTextConfig(**dict(m.text_encoder))
+    weights = StageWeights(cog_cfg, cognitive.param_shapes(cog_cfg), text_cfg,
+                           clip_text.param_shapes(text_cfg), _demo_tokenizer())
+    if stage == 2:
+        unet_cfg = unet.UNetConfig(**dict(m.unet))
+        vae_cfg = vae.VAEConfig(**dict(m.vae))
+        weights.sd_unet = (unet_cfg, unet.param_shapes(unet_cfg))
+        weights.vae = (vae_cfg, vae.param_shapes(vae_cfg))
+    return weights
+
+
+def _random_weights(config, stage: int) -> StageWeights:
+    from jaxsr.demo import random_params
 
     m, seed = config.model, config.seed
     cog_cfg = cognitive_config(config)
@@ -101,10 +131,7 @@ def _random_weights(config, stage: int) -> StageWeights:
     text_cfg = clip_text.CLIPTextConfig(**dict(m.text_encoder))
     text = random_params(clip_text.CLIPTextModel(text_cfg), np.zeros((1, 77), np.int32),
                          seed=seed + 2)
-    with tempfile.TemporaryDirectory() as tmp:
-        write_tokenizer(Path(tmp))
-        tokenizer = load_tokenizer(tmp)     # read now, before the folder goes away
-    weights = StageWeights(cog_cfg, cog, text_cfg, text, tokenizer)
+    weights = StageWeights(cog_cfg, cog, text_cfg, text, _demo_tokenizer())
     if stage == 2:
         unet_cfg = unet.UNetConfig(**dict(m.unet))
         vae_cfg = vae.VAEConfig(**dict(m.vae))
@@ -238,13 +265,21 @@ def stage2_nets(config, weights: StageWeights) -> obj.Stage2Nets:
 
 def stage2_params(nets: obj.Stage2Nets, weights: StageWeights, seed: int) -> tuple[dict, dict]:
     """(trainable {"unet_lna", "controlnet"}, frozen {"unet", "vae", "text_encoder",
-    "cognitive"}), the AiA UNet and the ControlNet initialised from SD (coser_init)."""
+    "cognitive"}), the AiA UNet and the ControlNet initialised from SD (coser_init).
+    From `weight_shapes` (abstract SD params) the result is abstract too."""
     from jaxsr.convert.coser_init import aia_unet_params_from_sd, controlnet_params_from_sd
 
+    def from_sd(sd_params):
+        return (aia_unet_params_from_sd(sd_params, nets.unet.config, jax.random.key(seed)),
+                controlnet_params_from_sd(sd_params, nets.controlnet.config))
+
     sd_params = weights.sd_unet[1]
-    aia = aia_unet_params_from_sd(sd_params, nets.unet.config, jax.random.key(seed))
-    cn = controlnet_params_from_sd(sd_params, nets.controlnet.config)
-    host = lambda tree: jax.tree.map(lambda x: np.asarray(x, np.float32), tree)
+    if all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(sd_params)):
+        host = lambda tree: tree
+        aia, cn = jax.eval_shape(from_sd, sd_params)
+    else:
+        host = lambda tree: jax.tree.map(lambda x: np.asarray(x, np.float32), tree)
+        aia, cn = from_sd(sd_params)
     base, lna = obj.split_lna(host(aia))
     cog = {k: weights.cognitive[k] for k in ("pre_sr_model", "visual")}
     cog["global_adapter"] = obj.split_qformer(weights.cognitive["global_adapter"])[0]
@@ -292,12 +327,14 @@ def stage2_task(config, workdir, weights: StageWeights, degrade_fn, sharpen_refe
 # ----------------------------------------------------------------- both
 
 
-def coser_task(config, workdir) -> tuple[Task, object]:
-    """(the stage's Task, its tokenizer)."""
+def coser_task(config, workdir, weights: StageWeights | None = None) -> tuple[Task, object]:
+    """(the stage's Task, its tokenizer); weights: `load_weights`' (the default) or
+    `weight_shapes`' (an abstract Task: `jaxsr plan`)."""
     from jaxsr.data.degrade import degrade_batch, preset_by_name
 
     stage = stage_of(config)
-    weights = load_weights(config, stage)
+    if weights is None:
+        weights = load_weights(config, stage)
     _check_widths(weights)
     preset = preset_by_name(config.degradation)
     degrade_fn = lambda keys, hr: degrade_batch(keys, hr, preset)

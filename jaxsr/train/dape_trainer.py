@@ -21,10 +21,11 @@ from flax import traverse_util
 
 from jaxsr.convert.tree import path_to_torch_key
 from jaxsr.models.dape import DAPE, DAPEConfig, param_shapes
-from jaxsr.train.dape_objective import DAPETrainNets, dape_loss
+from jaxsr.train.dape_objective import LORA_LEAVES, DAPETrainNets, dape_loss
 from jaxsr.train.loop import EXIT_TERMINATED, Task, TrainResult, run
 
-__all__ = ["EXIT_TERMINATED", "TrainResult", "dape_task", "export_dape_lora", "train"]
+__all__ = ["EXIT_TERMINATED", "TrainResult", "dape_task", "dape_weight_shapes",
+           "export_dape_lora", "train"]
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 LORA_FILE = "dape_lora.safetensors"
 
@@ -43,6 +44,32 @@ def fresh_lora(config: DAPEConfig, seed: int) -> dict:
     return traverse_util.unflatten_dict(out)
 
 
+def _lora_settings(config) -> tuple[int, float]:
+    rank, alpha = int(config.model.lora_rank), float(config.model.lora_alpha)
+    if rank < 1:
+        raise ValueError(f"config.model.lora_rank must be >= 1 (only LoRA trains), got {rank}")
+    return rank, alpha
+
+
+def configured_ram(config) -> DAPEConfig:
+    """The frozen RAM's architecture at config.model.dape's sizes (lora_rank 0)."""
+    from jaxsr.demo import dape_config
+
+    return dataclasses.replace(dape_config(config.model.dape),
+                               lora_alpha=_lora_settings(config)[1])
+
+
+def dape_weight_shapes(config) -> tuple[DAPEConfig, dict, dict]:
+    """`load_dape_weights`' result as ShapeDtypeStructs, from config.model.dape's sizes
+    alone (no checkpoint read, nothing drawn): what `jaxsr plan` compiles. The base
+    variant's sizes are RAM's Swin-L 384, the architecture its checkpoint holds."""
+    base = configured_ram(config)
+    student = dataclasses.replace(base, lora_rank=_lora_settings(config)[0])
+    lora = {k: v for k, v in traverse_util.flatten_dict(param_shapes(student)).items()
+            if k[-1] in LORA_LEAVES}
+    return student, param_shapes(base), traverse_util.unflatten_dict(lora)
+
+
 def load_dape_weights(config) -> tuple[DAPEConfig, dict, dict]:
     """(student config with LoRA, frozen RAM params, fresh LoRA params).
 
@@ -50,16 +77,14 @@ def load_dape_weights(config) -> tuple[DAPEConfig, dict, dict]:
     copy), converted strictly; or "random" for random weights of
     config.model.dape's sizes (the tiny variant: tests, smoke runs)."""
     source = config.init.ram
-    rank, alpha = int(config.model.lora_rank), float(config.model.lora_alpha)
-    if rank < 1:
-        raise ValueError(f"config.model.lora_rank must be >= 1 (only LoRA trains), got {rank}")
+    rank, alpha = _lora_settings(config)
     if not source:
         raise ValueError("config.init.ram is empty: give the RAM checkpoint "
                          "(ram_swin_large_14m.pth), or 'random' for the tiny variant")
     if source == "random":
-        from jaxsr.demo import dape_config, random_params
+        from jaxsr.demo import random_params
 
-        base = dataclasses.replace(dape_config(config.model.dape), lora_alpha=alpha)
+        base = configured_ram(config)
         size = base.swin.img_size
         frozen = random_params(DAPE(base), np.zeros((1, size, size, 3), np.float32),
                                seed=config.seed)
@@ -104,11 +129,13 @@ def export_dape_lora(lora, path, *, step: int | None = None) -> Path:
     return path
 
 
-def dape_task(config, workdir) -> Task:
-    """Weights, the trainable (LoRA) / frozen (RAM) split and the distillation loss."""
+def dape_task(config, workdir, weights=None) -> Task:
+    """Weights, the trainable (LoRA) / frozen (RAM) split and the distillation loss.
+    weights: (student config, frozen, LoRA) as `load_dape_weights` (the default) or
+    `dape_weight_shapes` (abstract: `jaxsr plan`) give them."""
     from jaxsr.data.degrade import degrade_batch, preset_by_name
 
-    student_cfg, frozen, lora = load_dape_weights(config)
+    student_cfg, frozen, lora = load_dape_weights(config) if weights is None else weights
     dt = _DTYPES[config.model.dtype]
     att = config.model.attention
     nets = DAPETrainNets(

@@ -160,6 +160,41 @@ def default_iterator(config):
         augment=config.data.get("augment", "crop_flip"))
 
 
+def state_layout(trainable, config, mesh):
+    """(tx, schedule, abstract TrainState, its shardings) for a trainable tree (arrays or
+    ShapeDtypeStructs): config.optim, config.ema_decay, config.sharding.trainable."""
+    tx, schedule = make_optimizer(config.optim)
+    state_shapes = jax.eval_shape(partial(init_state, tx=tx, ema_decay=config.ema_decay),
+                                  trainable)
+    state_sh = state_shardings(state_shapes, mesh, [tuple(r) for r in
+                                                    config.sharding.trainable])
+    return tx, schedule, state_shapes, state_sh
+
+
+def jit_train_step(task: Task, config, tx, schedule, state_sh, frozen_sh, batch_sh):
+    """The train step the loop compiles: step(state, frozen, batch, base_key) -> (state,
+    metrics), batch {"hr": uint8, **task.extra_inputs} [A, m, ...], state donated."""
+    rep = NamedSharding(batch_sh.mesh, P())
+    extra = dict(task.extra_inputs)
+
+    def loss_fn(p, fz, batch, keys):
+        hr = batch["hr"].astype(jnp.float32) / 255.0
+        return task.loss_fn(p, fz, hr, keys, **{k: batch[k] for k in extra})
+
+    return jax.jit(partial(train_step, loss_fn, tx, schedule, float(config.ema_decay)),
+                   in_shardings=(state_sh, frozen_sh, batch_sh, rep),
+                   out_shardings=(state_sh, rep), donate_argnums=(0,))
+
+
+def batch_shapes(task: Task, config, batch_sh, accum: int, micro: int) -> dict:
+    """{"hr": uint8 [A, m, S, S, 3], **task.extra_inputs} as ShapeDtypeStructs on
+    `batch_sh` (S: config.data.crop_size)."""
+    s = config.data.crop_size
+    per_example = {"hr": ((s, s, 3), jnp.uint8), **task.extra_inputs}
+    return {k: jax.ShapeDtypeStruct((accum, micro, *shape), dtype, sharding=batch_sh)
+            for k, (shape, dtype) in per_example.items()}
+
+
 def run(task: Task, config, workdir, *, devices=None, make_iterator=None) -> TrainResult:
     """Run (or resume) `task` in `workdir` on `devices` (default: every device of every
     process). The result's status is 0 when total_steps are done, or EXIT_TERMINATED
@@ -174,14 +209,9 @@ def run(task: Task, config, workdir, *, devices=None, make_iterator=None) -> Tra
     mesh = make_mesh([tuple(a) for a in config.mesh], devices)
     log.note(f"mesh {dict(mesh.shape)} over {mesh.size} devices, "
              f"{jax.process_count()} process(es)")
-    rep = NamedSharding(mesh, P())
 
     # ------------------------------------------------------------------ optimizer, state
-    tx, schedule = make_optimizer(config.optim)
-    state_shapes = jax.eval_shape(partial(init_state, tx=tx, ema_decay=config.ema_decay),
-                                  task.trainable)
-    state_sh = state_shardings(state_shapes, mesh, [tuple(r) for r in
-                                                    config.sharding.trainable])
+    tx, schedule, state_shapes, state_sh = state_layout(task.trainable, config, mesh)
     if config.get("frozen_dtype", "float32") == "bfloat16":
         task.frozen = frozen_in_bfloat16(task.frozen)
     frozen_sh = infer_shardings(task.frozen, mesh, [tuple(r) for r in config.sharding.frozen])
@@ -217,20 +247,8 @@ def run(task: Task, config, workdir, *, devices=None, make_iterator=None) -> Tra
 
     # ------------------------------------------------------------------ compile
     base_key = jax.random.key(config.seed)
-    extra = dict(task.extra_inputs)
-
-    def loss_fn(p, fz, batch, keys):
-        hr = batch["hr"].astype(jnp.float32) / 255.0
-        return task.loss_fn(p, fz, hr, keys, **{k: batch[k] for k in extra})
-
-    step_fn = jax.jit(partial(train_step, loss_fn, tx, schedule, float(config.ema_decay)),
-                      in_shardings=(state_sh, frozen_sh, batch_sh, rep),
-                      out_shardings=(state_sh, rep), donate_argnums=(0,))
-    s = config.data.crop_size
-    per_example = {"hr": ((s, s, 3), jnp.uint8), **extra}
-    batch_shape = {k: jax.ShapeDtypeStruct((accum, gbs // accum, *shape), dtype,
-                                           sharding=batch_sh)
-                   for k, (shape, dtype) in per_example.items()}
+    step_fn = jit_train_step(task, config, tx, schedule, state_sh, frozen_sh, batch_sh)
+    batch_shape = batch_shapes(task, config, batch_sh, accum, gbs // accum)
     t0 = time.perf_counter()
     compiled = step_fn.lower(abstract, frozen, batch_shape, base_key).compile()
     step_flops = _flops(compiled)
@@ -248,7 +266,7 @@ def run(task: Task, config, workdir, *, devices=None, make_iterator=None) -> Tra
     step = start
     try:
         while step < config.total_steps:
-            batch = global_batch(next(data), batch_sh, accum, tuple(per_example))
+            batch = global_batch(next(data), batch_sh, accum, tuple(batch_shape))
             state, metrics = compiled(state, frozen, batch, base_key)
             step += 1
             pending.append((step, metrics))
