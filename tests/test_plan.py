@@ -235,3 +235,29 @@ def test_multislice_collectives_over_the_dcn_axis_are_counted_as_dcn():
     assert wire > 0 and dcn == wire
     wire, dcn = all_reduce_over("data")
     assert wire > 0 and dcn == 0
+
+
+def test_a_program_larger_than_hbm_is_reported_as_not_fitting():
+    """The TPU compiler refuses a program that needs more HBM than the chip has; the
+    plan says so (fits False, the bytes the compiler asked for) instead of failing."""
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from jaxsr.parallel.mesh import make_mesh
+    from jaxsr.plan.programs import Program
+    from jaxsr.plan.report import format_report, plan_program
+    from jaxsr.plan.topology import tpu_topology
+
+    devices, chip = tpu_topology("v5e:1x1")
+    mesh = make_mesh([("data", 1)], devices)
+    x = jax.ShapeDtypeStruct((6, 1024, 1024, 1024), np.float32,
+                             sharding=NamedSharding(mesh, P()))
+    program = Program("huge", jax.jit(lambda a: jnp.sin(a) * 2 + a), (x,), 1,
+                      {"params": 0, "optimizer": 0, "frozen": 0, "batch": 24 * 2**30})
+    report, compiled = plan_program(program, mesh, chip, "v5e:1x1", 1)
+    assert compiled is None and report["fits"] is False
+    assert REPORT_KEYS <= set(report)
+    assert report["memory"]["total"] > chip.hbm_bytes
+    assert "does NOT fit" in format_report(report)

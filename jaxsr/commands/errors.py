@@ -10,11 +10,14 @@ def is_user_error(e: BaseException) -> bool:
                                     NotADirectoryError,
                                     IsADirectoryError, PermissionError, ValueError)
     from jaxsr.pipelines.memory import InsufficientMemoryError
+    from jaxsr.plan.topology import TopologyUnavailable
     from jaxsr.train.checkpoint import RestoreError
 
     # A NaN loss and an unusable checkpoint stop training with a message, not a trace;
     # weights that would not fit in memory are refused before loading, with what to try.
-    user_types += (RestoreError, FloatingPointError, InsufficientMemoryError)
+    # No libtpu, or a slice it cannot describe: `jaxsr plan` says which.
+    user_types += (RestoreError, FloatingPointError, InsufficientMemoryError,
+                   TopologyUnavailable)
     try:
         from jaxsr.convert.readers import CheckpointReadError
 

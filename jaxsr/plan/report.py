@@ -15,6 +15,7 @@ are slower (float32 work runs below the bf16 peak, overlap is partial).
 from __future__ import annotations
 
 import math
+import re
 import time
 
 import jax
@@ -37,6 +38,17 @@ def _cost(compiled) -> dict:
     return dict(cost or {})
 
 
+class DoesNotFit(RuntimeError):
+    """The TPU compiler refused the program: it needs more HBM than the chip has."""
+
+
+_NEED = re.compile(r"required for [^(]*\(([\d.]+)([KMGT])\)[^(]*\(([\d.]+)([KMGT])\)")
+
+
+def _gib(value: str, unit: str) -> float:
+    return float(value) * 2.0 ** (10 * "KMGT".index(unit) + 10)
+
+
 def compile_program(program: Program):
     """(compiled, seconds to compile, compiler warnings, FLOP counts). One trace gives
     both the FLOP count and the lowering."""
@@ -45,7 +57,12 @@ def compile_program(program: Program):
     with capture_stderr() as log:
         traced = program.jitted.trace(*program.args)
         counted = jaxpr_flops(traced.jaxpr.jaxpr)
-        compiled = traced.lower().compile()
+        try:
+            compiled = traced.lower().compile()
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" in str(e):
+                raise DoesNotFit(str(e).strip()) from None
+            raise
     return compiled, time.perf_counter() - start, log.warnings(), counted
 
 
@@ -90,7 +107,11 @@ def plan_program(program: Program, mesh, chip: Chip | None, topology: str,
                  batch_per_chip: int, peak_flops: float | None = None,
                  hbm_bandwidth: float | None = None) -> tuple[dict, object]:
     """(the report dict, the compiled program)."""
-    compiled, compile_s, warnings, counted = compile_program(program)
+    try:
+        compiled, compile_s, warnings, counted = compile_program(program)
+    except DoesNotFit as e:
+        return does_not_fit_report(program, mesh, chip, topology, batch_per_chip,
+                                   str(e)), None
     chips = mesh.size
     mem = memory_breakdown(program, compiled)
     cost = _cost(compiled)
@@ -144,6 +165,26 @@ def plan_program(program: Program, mesh, chip: Chip | None, topology: str,
     return report, compiled
 
 
+def does_not_fit_report(program: Program, mesh, chip: Chip | None, topology: str,
+                        batch_per_chip: int, message: str) -> dict:
+    """The report of a program the compiler refused for lack of HBM: the same keys,
+    fits False, the compiler's message, and the bytes it said it needed when it says."""
+    need = _NEED.search(message)
+    required = _gib(need.group(1), need.group(2)) if need else None
+    return {
+        "topology": topology, "chip": chip.name if chip else None, "chips": mesh.size,
+        "mesh": {k: int(v) for k, v in mesh.shape.items()}, "program": program.name,
+        "batch_per_chip": batch_per_chip, "images_per_step": program.images_per_call,
+        "memory": {**program.argument_parts, "temporaries": None, "generated_code": None,
+                   "total": required},
+        "hbm_bytes": chip.hbm_bytes if chip else None, "fits": False,
+        "fits_rule": "the TPU compiler refused the program: " + message.splitlines()[0],
+        "flops_per_chip": None, "hbm_traffic_bytes": None,
+        "collectives": {k: None for k in KINDS}, "predicted": None,
+        "warnings": [message.splitlines()[0]], "notes": list(program.notes),
+    }
+
+
 def _gb(x) -> str:
     return "-" if x is None else f"{x / 1e9:.2f} GB"
 
@@ -151,6 +192,9 @@ def _gb(x) -> str:
 def format_report(r: dict) -> str:
     """The report as a short table for the terminal."""
     m, p = r["memory"], r["predicted"]
+    if p is None:
+        return (f"{r['program']} on {r['topology']}, mesh {r['mesh']}, "
+                f"{r['batch_per_chip']} per chip: does NOT fit ({r['fits_rule']})")
     rows = [
         ("program", f"{r['program']} on {r['topology']} ({r['chips']} x {r['chip']}), "
                     f"mesh {r['mesh']}, {r['batch_per_chip']} per chip"),
