@@ -83,6 +83,18 @@ def random_params(model, *inputs, seed: int):
     return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
+def demo_tokenizer():
+    """The tokenizer `write_tokenizer` describes, loaded (through a temporary folder):
+    for programs whose shapes depend on a tokenizer but not on its vocabulary."""
+    import tempfile
+
+    from jaxsr.models.tokenizer import load_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer(Path(tmp))
+        return load_tokenizer(tmp)          # read now, before the folder goes away
+
+
 def write_tokenizer(folder: Path) -> None:
     """A character-level CLIP BPE vocabulary (letters, digits, punctuation; no merges)."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -46,8 +46,6 @@ _SHAPE = re.compile(r"\b(pred|s4|u4|s8|u8|s16|u16|s32|u32|s64|u64|f8e\w*|bf16|f1
 _BITS = {"pred": 8, "s4": 4, "u4": 4, "s8": 8, "u8": 8, "s16": 16, "u16": 16, "s32": 32,
          "u32": 32, "s64": 64, "u64": 64, "bf16": 16, "f16": 16, "f32": 32, "f64": 64,
          "c64": 64, "c128": 128}
-_GROUPS_LIST = re.compile(r"replica_groups=\{\{([\d,]*)\}")
-_GROUPS_IOTA = re.compile(r"replica_groups=\[(\d+),(\d+)\]<=")
 _GROUPS_MESH = re.compile(r"replica_groups=mesh\[([^\]]*)\][^{]*\{([^}]*)\}")
 
 
@@ -69,19 +67,10 @@ def result_bytes(result_type: str, opcode: str) -> int:
 
 
 def group_size(line: str) -> int:
-    """Chips in each replica group of a collective (2 for a collective-permute)."""
-    m = _GROUPS_LIST.search(line)
-    if m:
-        return max(1, len([x for x in m.group(1).split(",") if x]))
-    m = _GROUPS_IOTA.search(line)
-    if m:
-        return int(m.group(2))
-    m = _GROUPS_MESH.search(line)
-    if m:
-        sizes = dict(re.findall(r"'([\w]+)'=(\d+)", m.group(1)))
-        named = re.findall(r"'([\w]+)'", m.group(2))
-        return math.prod(int(sizes[a]) for a in named if a in sizes) or 1
-    return 2
+    """Chips in each replica group of a collective (2 for a collective-permute, or
+    when the line names no groups this parser reads)."""
+    groups = replica_groups(line)
+    return max(1, len(groups[0])) if groups else 2
 
 
 _IOTA = re.compile(r"\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?")

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import tempfile
 from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -62,20 +60,17 @@ def as_dtype(tree, dtype):
 
 
 def global_batch(mesh: Mesh, batch_per_chip: int) -> int:
-    """Images per step over the mesh's batch axes (every axis but 'tensor')."""
+    """Images per step over the mesh's batch axes (every axis but 'tensor' and 'space')."""
     return batch_per_chip * math.prod(mesh.shape[a] for a in batch_axes(mesh))
 
 
 def _tag_table(tags):
-    from jaxsr.demo import write_tokenizer
-    from jaxsr.models.tokenizer import load_tokenizer
+    from jaxsr.demo import demo_tokenizer
     from jaxsr.train.prompt_tokens import TagTokenTable
 
     # The table's shapes depend on the tag list, not on the vocabulary: the demo
     # tokenizer stands in for the released one.
-    with tempfile.TemporaryDirectory() as tmp:
-        write_tokenizer(Path(tmp) / "tok")
-        return TagTokenTable.build(load_tokenizer(Path(tmp) / "tok"), tags)
+    return TagTokenTable.build(demo_tokenizer(), tags)
 
 
 def seesr_train_networks(config):
@@ -107,51 +102,49 @@ def seesr_train_networks(config):
     return nets, trainable, as_dtype(frozen, _DTYPES[config.get("frozen_dtype", "float32")])
 
 
+def task_train_program(name: str, task, config, mesh: Mesh, batch_per_chip: int) -> Program:
+    """A `jaxsr.train.loop.Task` of abstract trees as the loop's own train step on
+    `mesh` (`loop.jit_train_step`): state donated, frozen params in
+    config.frozen_dtype, batch leaves [1, global batch, ...] split over the batch axes,
+    one micro-batch of `batch_per_chip` examples per chip."""
+    from jaxsr.train.loop import batch_shapes, jit_train_step, state_layout
+
+    tx, schedule, state, state_sh = state_layout(task.trainable, config, mesh)
+    frozen = as_dtype(task.frozen, _DTYPES[config.get("frozen_dtype", "float32")])
+    frozen_sh = infer_shardings(frozen, mesh, [tuple(r) for r in config.sharding.frozen])
+    images = global_batch(mesh, batch_per_chip)
+    batch_sh = NamedSharding(mesh, P(None, batch_axes(mesh)))
+    batch = batch_shapes(task, config, batch_sh, 1, images)
+    jitted = jit_train_step(task, config, tx, schedule, state_sh, frozen_sh, batch_sh)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    args = (with_shardings(state, state_sh), with_shardings(frozen, frozen_sh), batch,
+            jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=NamedSharding(mesh, P())))
+    # The EMA (None without one) counts with the optimizer state.
+    held = {"params": (state.params, state_sh.params),
+            "optimizer": ((state.opt_state, state.ema), (state_sh.opt_state, state_sh.ema)),
+            "frozen": (frozen, frozen_sh),
+            "batch": (batch, jax.tree.map(lambda x: x.sharding, batch))}
+    parts = {role: bytes_per_chip(*pair) for role, pair in held.items()}
+    return Program(name, jitted, args, images, parts)
+
+
 def seesr_train_program(config, mesh: Mesh, batch_per_chip: int) -> Program:
-    """The SeeSR train step (configs/seesr_train.py) on `mesh`: one micro-batch of
-    `batch_per_chip` crops per chip of the batch axes, degradation, frozen DAPE / text
-    encoder / VAE, ControlNet + UNet forward and backward, clip + AdamW, as
-    `jaxsr.train.loop` compiles it (state donated)."""
+    """The SeeSR train step (configs/seesr_train.py) on `mesh`: degradation, frozen DAPE
+    / text encoder / VAE, ControlNet + UNet forward and backward, clip + AdamW, with
+    the loss `seesr_trainer.seesr_task` gives the loop."""
+    from jaxsr.train.loop import Task
     from jaxsr.train.seesr_objective import seesr_loss
     from jaxsr.train.seesr_trainer import degradation_fn
-    from jaxsr.train.shardings import state_shardings
-    from jaxsr.train.step import init_state, make_optimizer, train_step
 
     nets, trainable, frozen = seesr_train_networks(config)
-    tx, schedule = make_optimizer(config.optim)
     degrade = degradation_fn(config)
     ratio = float(config.null_text_ratio)
 
     def loss_fn(params, fz, hr, keys):
-        return seesr_loss(nets, params, fz, hr.astype(jnp.float32) / 255.0, keys, degrade,
-                          ratio), {}
+        return seesr_loss(nets, params, fz, hr, keys, degrade, ratio), {}
 
-    state = jax.eval_shape(partial(init_state, tx=tx, ema_decay=config.ema_decay), trainable)
-    state_sh = state_shardings(state, mesh, [tuple(r) for r in config.sharding.trainable])
-    frozen_sh = infer_shardings(frozen, mesh, [tuple(r) for r in config.sharding.frozen])
-    rep = NamedSharding(mesh, P())
-    batch_sh = NamedSharding(mesh, P(None, batch_axes(mesh)))
-    n = global_batch(mesh, batch_per_chip)
-    crop = int(config.data.crop_size)
-    batch = jax.ShapeDtypeStruct((1, n, crop, crop, 3), jnp.uint8, sharding=batch_sh)
-    ema = float(config.ema_decay)
-
-    def step(s, fz, b, k):
-        return train_step(loss_fn, tx, schedule, ema, s, fz, b, k)
-
-    jitted = jax.jit(step, in_shardings=(state_sh, frozen_sh, batch_sh, rep),
-                     out_shardings=(state_sh, rep), donate_argnums=(0,))
-    key = jax.eval_shape(lambda: jax.random.key(0))
-    args = (with_shardings(state, state_sh), with_shardings(frozen, frozen_sh), batch,
-            jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep))
-    opt_bytes = bytes_per_chip(state.opt_state, state_sh.opt_state)
-    if state.ema is not None:
-        opt_bytes += bytes_per_chip(state.ema, state_sh.ema)
-    parts = {"params": bytes_per_chip(state.params, state_sh.params),
-             "optimizer": opt_bytes,
-             "frozen": bytes_per_chip(frozen, frozen_sh),
-             "batch": bytes_per_chip(batch, batch_sh)}
-    return Program("seesr train", jitted, args, n, parts)
+    task = Task(trainable=trainable, frozen=frozen, loss_fn=loss_fn)
+    return task_train_program("seesr train", task, config, mesh, batch_per_chip)
 
 
 def seesr_sample_program(config, mesh: Mesh, batch_per_chip: int, size: int,

@@ -131,13 +131,7 @@ def plan_program(program: Program, mesh, chip: Chip | None, topology: str,
     hbm = chip.hbm_bytes if chip else None
     usable = hbm * (1 - RUNTIME_HEADROOM) if hbm else None
     report = {
-        "topology": topology,
-        "chip": chip.name if chip else jax.devices()[0].device_kind,
-        "chips": chips,
-        "mesh": {k: int(v) for k, v in mesh.shape.items()},
-        "program": program.name,
-        "batch_per_chip": batch_per_chip,
-        "images_per_step": program.images_per_call,
+        **_header(program, mesh, chip, topology, batch_per_chip),
         "memory": mem,
         "hbm_bytes": hbm,
         "fits": (mem["total"] <= usable) if usable else None,
@@ -165,6 +159,16 @@ def plan_program(program: Program, mesh, chip: Chip | None, topology: str,
     return report, compiled
 
 
+def _header(program: Program, mesh, chip: Chip | None, topology: str,
+            batch_per_chip: int) -> dict:
+    """What every report starts with: where and what was planned."""
+    return {"topology": topology,
+            "chip": chip.name if chip else mesh.devices.flat[0].device_kind,
+            "chips": mesh.size, "mesh": {k: int(v) for k, v in mesh.shape.items()},
+            "program": program.name, "batch_per_chip": batch_per_chip,
+            "images_per_step": program.images_per_call}
+
+
 def does_not_fit_report(program: Program, mesh, chip: Chip | None, topology: str,
                         batch_per_chip: int, message: str) -> dict:
     """The report of a program the compiler refused for lack of HBM: the same keys,
@@ -172,9 +176,7 @@ def does_not_fit_report(program: Program, mesh, chip: Chip | None, topology: str
     need = _NEED.search(message)
     required = _gib(need.group(1), need.group(2)) if need else None
     return {
-        "topology": topology, "chip": chip.name if chip else None, "chips": mesh.size,
-        "mesh": {k: int(v) for k, v in mesh.shape.items()}, "program": program.name,
-        "batch_per_chip": batch_per_chip, "images_per_step": program.images_per_call,
+        **_header(program, mesh, chip, topology, batch_per_chip),
         "memory": {**program.argument_parts, "temporaries": None, "generated_code": None,
                    "total": required},
         "hbm_bytes": chip.hbm_bytes if chip else None, "fits": False,

@@ -27,7 +27,6 @@ Weights (config.init):
 from __future__ import annotations
 
 import dataclasses
-import tempfile
 from pathlib import Path
 
 import jax
@@ -88,29 +87,20 @@ def fresh_cognitive(cfg: CognitiveConfig, seed: int) -> dict:
     return jax.tree.map(np.asarray, params)
 
 
-def _demo_tokenizer():
-    """The character-level test tokenizer (jaxsr.demo)."""
-    from jaxsr.demo import write_tokenizer
-    from jaxsr.models.tokenizer import load_tokenizer
-
-    with tempfile.TemporaryDirectory() as tmp:
-        write_tokenizer(Path(tmp))
-        return load_tokenizer(tmp)     # read now, before the folder goes away
-
-
 def weight_shapes(config, stage: int) -> StageWeights:
     """StageWeights whose params are ShapeDtypeStructs at config.model's sizes (nothing
     read or drawn): what `jaxsr plan` compiles. The base variants' sizes are
     SD-2.1-base's, open_clip's ViT-H/14 and CoSeR's SRResNet and Q-Former, the
     architectures `init` names; the tokenizer is the test one (only the ids of "" come
     from it, a constant of the program)."""
+    from jaxsr.demo import demo_tokenizer
     from jaxsr.models import cognitive
 
     m = config.model
     cog_cfg = cognitive_config(config)
     text_cfg = clip_text.CLIPTextConfig(**dict(m.text_encoder))
     weights = StageWeights(cog_cfg, cognitive.param_shapes(cog_cfg), text_cfg,
-                           clip_text.param_shapes(text_cfg), _demo_tokenizer())
+                           clip_text.param_shapes(text_cfg), demo_tokenizer())
     if stage == 2:
         unet_cfg = unet.UNetConfig(**dict(m.unet))
         vae_cfg = vae.VAEConfig(**dict(m.vae))
@@ -120,7 +110,7 @@ def weight_shapes(config, stage: int) -> StageWeights:
 
 
 def _random_weights(config, stage: int) -> StageWeights:
-    from jaxsr.demo import random_params
+    from jaxsr.demo import demo_tokenizer, random_params
 
     m, seed = config.model, config.seed
     cog_cfg = cognitive_config(config)
@@ -131,7 +121,7 @@ def _random_weights(config, stage: int) -> StageWeights:
     text_cfg = clip_text.CLIPTextConfig(**dict(m.text_encoder))
     text = random_params(clip_text.CLIPTextModel(text_cfg), np.zeros((1, 77), np.int32),
                          seed=seed + 2)
-    weights = StageWeights(cog_cfg, cog, text_cfg, text, _demo_tokenizer())
+    weights = StageWeights(cog_cfg, cog, text_cfg, text, demo_tokenizer())
     if stage == 2:
         unet_cfg = unet.UNetConfig(**dict(m.unet))
         vae_cfg = vae.VAEConfig(**dict(m.vae))
