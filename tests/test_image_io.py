@@ -1,6 +1,9 @@
 """load_image / save_image on real files written here."""
 
 import os
+import threading
+import time
+import warnings
 
 import numpy as np
 import pytest
@@ -57,6 +60,58 @@ def test_palette_image_is_looked_up(tmp_path, rgb):
         table = np.asarray(reopened.getpalette(), np.uint8).reshape(-1, 3)
         want = table[np.asarray(reopened)]
     np.testing.assert_array_equal(load_image(tmp_path / "p.png"), want)
+
+
+def _palette_with_byte_transparency(tmp_path, rgb):
+    pal = Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    alphas = bytes(np.random.default_rng(2).integers(0, 256, 16, dtype=np.uint8))
+    pal.save(tmp_path / "pt.png", transparency=alphas)
+    return tmp_path / "pt.png"
+
+
+def test_palette_with_byte_transparency_is_looked_up_without_a_warning(tmp_path, rgb):
+    path = _palette_with_byte_transparency(tmp_path, rgb)
+    with Image.open(path) as reopened:
+        assert reopened.mode == "P" and isinstance(reopened.info["transparency"], bytes)
+        table = np.asarray(reopened.getpalette(), np.uint8).reshape(-1, 3)
+        want = table[np.asarray(reopened)]  # the alpha is dropped, not composited
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PIL's direct P -> RGB conversion warns here
+        got = load_image(path)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_decoding_in_threads_loses_no_warning_raised_meanwhile(tmp_path, rgb):
+    """Folder preparation decodes in worker threads while the main thread warns about
+    each skipped file. Decoding must not touch the process-wide warning filters (a
+    `catch_warnings` block in a thread swallows what other threads warn meanwhile)."""
+    paths = [_palette_with_byte_transparency(tmp_path, rgb)]
+    for mode in ("L", "RGBA", "LA"):
+        paths.append(tmp_path / f"{mode}.png")
+        Image.fromarray(rgb).convert(mode).save(paths[-1])
+    stop = threading.Event()
+
+    def decode_until_stopped():
+        while not stop.is_set():
+            for p in paths:
+                load_image(p)
+
+    workers = [threading.Thread(target=decode_until_stopped) for _ in range(2)]
+    count = 2000
+    with pytest.warns(UserWarning) as caught:
+        for w in workers:
+            w.start()
+        try:
+            for i in range(count):
+                warnings.warn(f"skipping file {i}", UserWarning, stacklevel=1)
+                if i % 50 == 0:
+                    time.sleep(0.001)  # let the decoders run between warnings
+        finally:
+            stop.set()
+            for w in workers:
+                w.join()
+    got = {str(w.message) for w in caught if str(w.message).startswith("skipping file")}
+    assert len(got) == count
 
 
 def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):

@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
-import warnings
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -77,12 +76,15 @@ def to_rgb_uint8(img: Image.Image) -> np.ndarray:
         values = np.asarray(img).astype(np.float64)
         gray = np.rint(np.clip(values, 0, 65535) / 257.0).astype(np.uint8)
         return np.repeat(gray[..., None], 3, axis=-1)
+    if img.mode == "P" and isinstance(img.info.get("transparency"), bytes):
+        # PIL warns when such a palette image goes straight to RGB; through RGBA it
+        # gives the same RGB values (the alpha is dropped either way, as the reference
+        # does). Not silenced with warnings.catch_warnings: that swaps the process-wide
+        # filters, and this runs in decoding threads, where it would swallow warnings
+        # raised meanwhile on other threads (a skipped-image warning among them).
+        img = img.convert("RGBA")
     if img.mode != "RGB":
-        with warnings.catch_warnings():
-            # Palette images with byte transparency warn on convert; the alpha is
-            # dropped either way, as the reference does.
-            warnings.simplefilter("ignore", UserWarning)
-            img = img.convert("RGB")
+        img = img.convert("RGB")
     array = np.asarray(img, dtype=np.uint8)
     if array.ndim != 3 or array.shape[-1] != 3:
         raise ValueError(f"unexpected decoded shape {array.shape}")
