@@ -37,8 +37,11 @@ from benchmarks.common import (  # noqa: E402
 )
 
 
-def attention_times(batch: int, tokens: int, heads: int, repeats: int) -> dict:
-    """Level-0 self-attention alone: jaxsr's backend vs torch SDPA, [B, L, H, 64]."""
+def attention_times(batch: int, tokens: int, heads: int, repeats: int, backend: str) -> dict:
+    """Level-0 self-attention alone, [B, L, H, 64]: jaxsr's `backend`, jaxsr's "xla"
+    backend and torch SDPA."""
+    import functools
+
     import jax
     import torch
 
@@ -47,7 +50,8 @@ def attention_times(batch: int, tokens: int, heads: int, repeats: int) -> dict:
     rng = np.random.default_rng(1)
     q, k, v = (rng.standard_normal((batch, tokens, heads, 64), dtype=np.float32)
                for _ in range(3))
-    fn = jax.jit(dot_product_attention)
+    fn = jax.jit(functools.partial(dot_product_attention, backend=backend))
+    xla = jax.jit(functools.partial(dot_product_attention, backend="xla"))
     tq, tk, tv = (torch.from_numpy(np.ascontiguousarray(a.transpose(0, 2, 1, 3)))
                   for a in (q, k, v))
 
@@ -56,6 +60,7 @@ def attention_times(batch: int, tokens: int, heads: int, repeats: int) -> dict:
             torch.nn.functional.scaled_dot_product_attention(tq, tk, tv)
 
     times = time_alternating({"jaxsr": lambda: fn(q, k, v).block_until_ready(),
+                              "jaxsr xla": lambda: xla(q, k, v).block_until_ready(),
                               "torch": torch_attention}, warmup=1, repeats=repeats)
     flops = 4.0 * batch * heads * tokens * tokens * 64
     stats = {name: summarize(t) for name, t in times.items()}
@@ -69,7 +74,8 @@ def main() -> None:
     ap.add_argument("--latent", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--attention", default="xla")
+    ap.add_argument("--attention", default="auto",
+                    help="jaxsr attention backend (auto: what the pipelines use)")
     ap.add_argument("--out", default="benchmarks/results/unet_forward_cpu.json")
     args = ap.parse_args()
 
@@ -82,7 +88,9 @@ def main() -> None:
     import torch
 
     from jaxsr.convert.networks import load_unet
+    from jaxsr.kernels import ISA_NAMES, cpu_attention_isa
     from jaxsr.models.unet import SD2_BASE_UNET, UNet2DConditionModel
+    from jaxsr.nn.attention import resolve_backend
 
     torch.manual_seed(0)
     ref = diffusers.UNet2DConditionModel.from_config(SD2_BASE_UNET.to_diffusers_config()).eval()
@@ -99,10 +107,12 @@ def main() -> None:
     start = time.perf_counter()
     compiled = jax.jit(model.apply).lower({"params": params}, x, t, ctx).compile()
     compile_s = time.perf_counter() - start
-    # FLOPs from the same forward traced without jaxsr's row-chunk loops (XLA's cost
-    # analysis counts a loop body once); lowering is enough, no second compile.
+    # FLOPs from the same forward with XLA-op attention traced without jaxsr's row-chunk
+    # loops (XLA's cost analysis counts a loop body once and cannot see into the fused
+    # CPU kernel); lowering is enough, no second compile.
+    counted = UNet2DConditionModel(SD2_BASE_UNET, attention="xla")
     with unchunked():
-        cost = jax.jit(model.apply).lower({"params": params}, x, t, ctx).cost_analysis()
+        cost = jax.jit(counted.apply).lower({"params": params}, x, t, ctx).cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     flops = float(cost.get("flops", 0.0))
 
@@ -138,11 +148,17 @@ def main() -> None:
           f"{sum(r > 1 for r in pairs)})")
 
     heads = SD2_BASE_UNET.heads[0]
-    attn = attention_times(b, s * s, heads, args.repeats)
-    print(f"\nlevel-0 self-attention alone ({b}x{s * s} tokens, {heads} heads of 64)")
-    print_table([{"impl": name, **attn[name]} for name in ("jaxsr", "torch")],
+    backend = resolve_backend(args.attention, s * s)
+    isa = cpu_attention_isa()
+    attn = attention_times(b, s * s, heads, args.repeats, args.attention)
+    print(f"\njaxsr attention: {args.attention} -> {backend}; fused CPU kernel path: "
+          f"{ISA_NAMES.get(isa, 'not built')}")
+    print(f"level-0 self-attention alone ({b}x{s * s} tokens, {heads} heads of 64)")
+    print_table([{"impl": name, **attn[name]} for name in ("jaxsr", "jaxsr xla", "torch")],
                 ["impl", "median_s", "min_s", "GFLOP/s"])
     write_json(args.out, {"benchmark": "unet_forward_cpu", "batch": b, "latent": s,
+                          "attention": {"requested": args.attention, "used": backend,
+                                        "fused_cpu_path": ISA_NAMES.get(isa)},
                           "flops_per_forward": flops, "jaxsr": {**jax_s, "compile_s": compile_s},
                           "torch": torch_s, "torch_over_jaxsr": ratio,
                           "torch_over_jaxsr_paired": {"median": paired, "runs": pairs},

@@ -40,8 +40,13 @@ def test_masked_and_dpa_backends_match_numpy():
 
 
 def test_backend_resolution():
+    from jaxsr.nn.cpu_attention import fused_cpu_attention_preferred
+
+    on_cpu = "fused_cpu" if fused_cpu_attention_preferred() else "xla"
     assert attention.resolve_backend("auto", 4096) == (
-        "cudnn" if jax.default_backend() == "gpu" else "xla")
+        "cudnn" if jax.default_backend() == "gpu" else on_cpu)
+    assert attention.resolve_backend("auto", 77) == (
+        "xla" if jax.default_backend() == "gpu" else on_cpu)
     assert attention.resolve_backend("cudnn", 77) == "xla"
     with pytest.raises(ValueError, match="unknown attention backend"):
         attention.resolve_backend("flash9", 10)

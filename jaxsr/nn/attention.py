@@ -5,9 +5,16 @@ Backends (the `attention` config string):
   "xla"   matmul-softmax-matmul in XLA ops; logits and softmax in float32, works everywhere.
   "dpa"   `jax.nn.dot_product_attention` (lets XLA pick; cuDNN flash on GPU).
   "cudnn" `jax.nn.dot_product_attention(implementation="cudnn")`; GPU only.
-  "auto"  "cudnn" on GPU for long key sequences, "xla" otherwise.
-Short key sequences (77 text tokens, 145 DAPE tokens) gain nothing from flash
-kernels, so "auto" and "cudnn" fall back to "xla" below `MIN_FLASH_KV_LEN`.
+  "fused_cpu" jaxsr's fused CPU kernel (jaxsr/kernels/cpu_attention.cc, an XLA FFI
+          call): online softmax over key blocks held in cache; no mask; head size
+          32, 64 or 128; CPU only.
+  "auto"  "cudnn" on GPU for long key sequences; "fused_cpu" on CPUs where its
+          code path was measured faster than XLA's ops (AVX-512); "xla" otherwise,
+          and wherever the fused kernel cannot take the call (a mask, another
+          head size).
+Short key sequences (77 text tokens, 145 DAPE tokens) gain nothing from cuDNN's
+flash kernels, so "auto" and "cudnn" fall back to "xla" there below
+`MIN_FLASH_KV_LEN`; the fused CPU kernel is faster at every length it was timed at.
 
 The "xla" backend computes unmasked attention in blocks shaped by the size of
 the logits (`attention_plan`). Up to `MAX_ITEM_LOGITS` logits per batch item (8 MB
@@ -29,14 +36,21 @@ each); the result equals plain softmax attention to float32 rounding.
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from jaxsr.nn.chunks import balanced_chunk
+from jaxsr.nn.cpu_attention import (
+    fused_cpu_attention,
+    fused_cpu_attention_preferred,
+    fused_cpu_attention_supported,
+)
 from jaxsr.platform import target_backend
 
-BACKENDS = ("auto", "xla", "dpa", "cudnn")
+BACKENDS = ("auto", "xla", "dpa", "cudnn", "fused_cpu")
 MIN_FLASH_KV_LEN = 256
 Q_CHUNK = 128
 MAX_ITEM_LOGITS = 1 << 21
@@ -115,15 +129,27 @@ def _blocked_attention(q, k, v, scale, chunk: int, per_head: bool):
     return jnp.transpose(out[:, :, :lq], (0, 2, 1, 3))
 
 
+def _xla_unmasked_attention(q, k, v, *, scale):
+    _, lq, h, _ = q.shape
+    per_head, chunk = attention_plan(h, lq, k.shape[1], target_backend() == "cpu")
+    return _blocked_attention(q, k, v, scale, chunk, per_head)
+
+
 def resolve_backend(backend: str, kv_len: int) -> str:
     """The concrete implementation `backend` means for a key sequence of `kv_len`."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
-    on_gpu = target_backend() == "gpu"
+    platform = target_backend()
     if backend == "auto":
-        return "cudnn" if on_gpu and kv_len >= MIN_FLASH_KV_LEN else "xla"
+        if platform == "gpu" and kv_len >= MIN_FLASH_KV_LEN:
+            return "cudnn"
+        if platform == "cpu" and fused_cpu_attention_preferred():
+            return "fused_cpu"
+        return "xla"
     if backend == "cudnn" and kv_len < MIN_FLASH_KV_LEN:
         return "xla"
+    if backend == "fused_cpu" and platform != "cpu":
+        raise ValueError(f"attention backend 'fused_cpu' runs on the CPU only, not {platform}")
     return backend
 
 
@@ -140,11 +166,17 @@ def dot_product_attention(q, k, v, *, mask=None, backend: str = "xla", scale=Non
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     impl = resolve_backend(backend, k.shape[1])
+    if impl == "fused_cpu":
+        why_not = fused_cpu_attention_supported(q, k, mask)
+        if why_not is None:
+            return fused_cpu_attention(q, k, v, scale, functools.partial(
+                _xla_unmasked_attention, scale=scale))
+        if backend == "fused_cpu":
+            raise ValueError(f"attention backend 'fused_cpu' cannot take this call: {why_not}")
+        impl = "xla"
     if impl == "xla":
         if mask is None:
-            _, lq, h, _ = q.shape
-            per_head, chunk = attention_plan(h, lq, k.shape[1], target_backend() == "cpu")
-            return _blocked_attention(q, k, v, scale, chunk, per_head)
+            return _xla_unmasked_attention(q, k, v, scale=scale)
         return _xla_attention(q, k, v, mask, scale)
     return jax.nn.dot_product_attention(
         q, k, v, mask=mask, scale=scale,
