@@ -7,6 +7,8 @@
 - no TPU backend start where libtpu is installed but the host has no TPU.
 """
 
+import gc
+
 import jax
 import pytest
 
@@ -28,3 +30,13 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def release_compiled_programs():
+    """A test file's compiled programs go when the file is done. The suite runs in two
+    worker processes that share the machine's memory, and a worker's caches would
+    otherwise grow with every file it runs (a TPU plan compile holds gigabytes)."""
+    yield
+    jax.clear_caches()
+    gc.collect()
