@@ -8,6 +8,7 @@ what it needs per chip.
     jaxsr plan --program train --config configs/seesr_train.py:tiny --topology attached
     jaxsr plan --program train --config configs/coser_train.py:stage2 --topology v5p:2x2x1 \\
         --mesh "[('data', 2), ('fsdp', 2)]"
+    jaxsr plan --program sample --config configs/coser.py --topology v5p:2x2x1 --size 512
 
 No weights are read and nothing is allocated: the program is lowered from abstract
 shapes and compiled by the real TPU compiler (libtpu, `pip install 'jaxsr[tpu]'`),
@@ -22,7 +23,8 @@ or a GPU) and also runs the program on zeros, to report the measured step time
 beside the prediction. Config files are the trainers' for --program train (config.task
 picks the step: configs/seesr_train.py, configs/dape_train.py, configs/coser_train.py
 stage 1 or 2; every network at the config's sizes, no weights needed) and the model's
-(configs/seesr.py) for --program sample.
+for --program sample (configs/seesr.py, or configs/coser.py: CoSeR's reference mode,
+reference generation and SR pass, with the plain VAE decoder).
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ def register(sub) -> None:
     p.add_argument("--config", required=True, metavar="FILE.py[:VARIANT]",
                    help="a trainer's config (train): configs/seesr_train.py[:tiny], "
                         "configs/dape_train.py[:tiny], configs/coser_train.py:stage1[_tiny] "
-                        "or :stage2[_tiny]; configs/seesr.py[:tiny] (sample); override "
+                        "or :stage2[_tiny]; configs/seesr.py[:tiny] or configs/coser.py[:tiny] "
+                        "(sample); override "
                         "fields with --config.a.b=v")
     p.add_argument("--topology", required=True,
                    help="GENERATION:AxB[xC] (v4, v5e, v5p, v6e; e.g. v5p:4x4x4, v5e:1x1) "
@@ -78,6 +81,7 @@ def build_plan(args, config=None) -> dict:
     import jax
 
     from jaxsr.parallel.mesh import make_mesh
+    from jaxsr.plan.coser_sample import coser_sample_program
     from jaxsr.plan.programs import seesr_sample_program, seesr_train_program
     from jaxsr.plan.report import measure, plan_program
     from jaxsr.plan.topology import tpu_topology
@@ -117,6 +121,9 @@ def build_plan(args, config=None) -> dict:
             if args.size:
                 config.data.crop_size = args.size
             program = programs[task](config, mesh, args.batch_per_chip)
+        elif config.get("model", "seesr") == "coser":
+            program = coser_sample_program(config, mesh, args.batch_per_chip,
+                                           args.size or 512, args.steps)
         else:
             program = seesr_sample_program(config, mesh, args.batch_per_chip,
                                            args.size or 512, args.steps)

@@ -59,6 +59,20 @@ def as_dtype(tree, dtype):
     return jax.tree.map(one, tree)
 
 
+def as_held(tree, dtype):
+    """An abstract parameter tree in the dtypes an inference pipeline holds it in for
+    compute `dtype` (`jaxsr.pipelines.placement.held_dtype`: kernels in bfloat16 when
+    the network computes in bfloat16, the rest float32)."""
+    from flax import traverse_util
+
+    from jaxsr.pipelines.placement import held_dtype
+
+    flat = traverse_util.flatten_dict(tree, sep="/")
+    return traverse_util.unflatten_dict(
+        {k: jax.ShapeDtypeStruct(v.shape, held_dtype(k, v.dtype, dtype))
+         for k, v in flat.items()}, sep="/")
+
+
 def global_batch(mesh: Mesh, batch_per_chip: int) -> int:
     """Images per step over the mesh's batch axes (every axis but 'tensor' and 'space')."""
     return batch_per_chip * math.prod(mesh.shape[a] for a in batch_axes(mesh))
@@ -158,7 +172,6 @@ def seesr_sample_program(config, mesh: Mesh, batch_per_chip: int, size: int,
     from jaxsr.diffusion.samplers import make_sampler
     from jaxsr.diffusion.schedule import SchedulerConfig
     from jaxsr.models import controlnet, dape, unet, vae
-    from jaxsr.pipelines.placement import held_dtype
     from jaxsr.pipelines.seesr import SeeSROptions, sampling_settings
     from jaxsr.pipelines.seesr_sampling import Networks, restore, skip_steps_above
 
@@ -181,17 +194,9 @@ def seesr_sample_program(config, mesh: Mesh, batch_per_chip: int, size: int,
     plan = skip_steps_above(make_sampler(options.sampler, SD2_SCHEDULER_CONFIG,
                                          options.steps), options.start_timestep)
 
-    def held(tree, dtype):
-        from flax import traverse_util
-
-        flat = traverse_util.flatten_dict(tree, sep="/")
-        return traverse_util.unflatten_dict(
-            {k: jax.ShapeDtypeStruct(v.shape, held_dtype(k, v.dtype, dtype))
-             for k, v in flat.items()}, sep="/")
-
-    params = {"unet": held(unet.param_shapes(unet_cfg), dt),
-              "controlnet": held(controlnet.param_shapes(cn_cfg), dt),
-              "vae": held(vae.param_shapes(vae_cfg), vdt)}
+    params = {"unet": as_held(unet.param_shapes(unet_cfg), dt),
+              "controlnet": as_held(controlnet.param_shapes(cn_cfg), dt),
+              "vae": as_held(vae.param_shapes(vae_cfg), vdt)}
     rules = [tuple(r) for r in config.get("sharding", {}).get("params", [(".*", "replicate")])]
     params_sh = infer_shardings(params, mesh, rules)
     n = global_batch(mesh, batch_per_chip)

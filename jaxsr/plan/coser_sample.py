@@ -1,0 +1,88 @@
+"""CoSeR's sampling program (reference mode) as a Program, from shapes only.
+
+    program = coser_sample_program(config, mesh, batch_per_chip=2, size=512)   # configs/coser.py
+
+What `CoSeRPipeline` jits for images whose outputs fit one pass: the cognitive
+embedding of the LR image, the LR latent, reference generation (guided AiA UNet) and
+the guided SR pass (AiA UNet + ControlNet), both over config.sampling.steps respaced
+DDPM steps, then the VAE decode of the SR and reference latents. The plain VAE
+decoder: the CFW decoder's shape is read off its checkpoint, which a plan does not
+have. Parameters are held as the pipeline holds them (bfloat16 kernels when the
+networks compute in bfloat16) and placed by config.sharding.params (default:
+replicated); images, prompts and keys are split over the batch axes.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxsr.parallel.mesh import batch_axes
+from jaxsr.parallel.sharding import infer_shardings
+from jaxsr.plan.programs import Program, as_held, bytes_per_chip, global_batch, with_shardings
+
+_DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
+
+
+def coser_sample_program(config, mesh: Mesh, batch_per_chip: int, size: int,
+                         steps: int | None = None) -> Program:
+    """`size`² outputs (`size` / config.sampling.upscale LR inputs)."""
+    from jaxsr.convert.coser_weights import CoSeRArchitecture
+    from jaxsr.diffusion.respace import respaced_schedule
+    from jaxsr.models import coser_controlnet, coser_unet, vae
+    from jaxsr.models.cognitive import CognitiveEncoder
+    from jaxsr.models.cognitive import param_shapes as cognitive_shapes
+    from jaxsr.pipelines.coser import COLOR_FIXES
+    from jaxsr.pipelines.coser_sampling import CoSeRNetworks, CoSeRSettings, coser_restore
+
+    dt = _DTYPES[config.get("dtype", "bfloat16")]
+    vdt = _DTYPES[config.get("vae_dtype", "float32")]
+    att = config.get("attention", "auto")
+    arch = CoSeRArchitecture.from_config(config)
+    s = config.sampling
+    upscale = int(s.upscale)
+    if size % (8 * upscale):
+        raise ValueError(f"--size {size} must be a multiple of {8 * upscale} (the LR side "
+                         f"times upscale {upscale} must be a whole number of latents)")
+    nets = CoSeRNetworks(
+        cognitive=CognitiveEncoder(arch.cognitive, attention=att, dtype=jnp.float32),
+        unet=coser_unet.CoSeRUNet(arch.unet, dtype=dt, attention=att),
+        controlnet=coser_controlnet.CoSeRControlNet(arch.controlnet, dtype=dt, attention=att),
+        vae=vae.AutoencoderKL(arch.vae, dtype=vdt, attention=att))
+    settings = CoSeRSettings(guidance_scale=float(s.guidance_scale),
+                             reference_guidance_scale=float(s.reference_guidance_scale),
+                             color_fix=COLOR_FIXES[s.color_fix],
+                             fusion_weight=float(s.fusion_weight), upscale=upscale)
+    num_steps = int(steps or s.steps)
+    schedule = jax.tree.map(np.asarray, respaced_schedule(num_steps))
+
+    params = {"cognitive": as_held(cognitive_shapes(arch.cognitive), jnp.float32),
+              "unet": as_held(coser_unet.param_shapes(arch.unet), dt),
+              "controlnet": as_held(coser_controlnet.param_shapes(arch.controlnet), dt),
+              "vae": as_held(vae.param_shapes(arch.vae), vdt)}
+    rules = [tuple(r) for r in config.get("sharding", {}).get("params", [(".*", "replicate")])]
+    params_sh = infer_shardings(params, mesh, rules)
+    n = global_batch(mesh, batch_per_chip)
+    batch_sh = NamedSharding(mesh, P(batch_axes(mesh)))
+    lr_side = size // upscale
+    lr = jax.ShapeDtypeStruct((n, lr_side, lr_side, 3), jnp.float32, sharding=batch_sh)
+    text_shape = (n, arch.text_encoder.max_position_embeddings, arch.text_encoder.hidden_size)
+    prompt = jax.ShapeDtypeStruct(text_shape, jnp.float32, sharding=batch_sh)
+    negative = jax.ShapeDtypeStruct(text_shape, jnp.float32, sharding=batch_sh)
+    key = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), n))
+    keys = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=batch_sh)
+    jitted = jax.jit(partial(coser_restore, nets, settings),
+                     in_shardings=(params_sh, None, batch_sh, batch_sh, batch_sh, batch_sh),
+                     out_shardings=batch_sh)
+    args = (with_shardings(params, params_sh), schedule, lr, prompt, negative, keys)
+    parts = {"params": 0, "optimizer": 0, "frozen": bytes_per_chip(params, params_sh),
+             "batch": sum(bytes_per_chip(x, x.sharding) for x in (lr, prompt, negative))}
+    return Program("coser sample", jitted, args, n, parts,
+                   notes=[f"{num_steps} respaced DDPM steps for the reference and again for "
+                          f"the SR pass, guidance {settings.reference_guidance_scale} / "
+                          f"{settings.guidance_scale}, {size}² outputs, VAE decoder (no CFW)"])
