@@ -33,9 +33,12 @@ def time_alternating(fns: dict, *, warmup: int, repeats: int) -> dict[str, list[
 
 
 def environment() -> dict:
+    from jaxsr.platform import auto_compute_dtype, cpu_model_and_flags, quiet_absent_tpu
+
+    quiet_absent_tpu()      # libtpu installed, no TPU here: no TPU backend start-up noise
     import jax
 
-    from jaxsr.platform import auto_compute_dtype, cpu_model_and_flags
+    from jaxsr.kernels import ISA_NAMES, cpu_attention_isa
 
     cpu_model, cpu_flags = cpu_model_and_flags()
     env = {"python": platform.python_version(), "machine": platform.machine(),
@@ -44,7 +47,8 @@ def environment() -> dict:
            "cpu_count": os.cpu_count(), "jax": jax.__version__,
            "jax_backend": jax.default_backend(),
            "devices": [d.device_kind for d in jax.devices()],
-           "xla_flags": os.environ.get("XLA_FLAGS", "")}
+           "xla_flags": os.environ.get("XLA_FLAGS", ""),
+           "cpu_attention_kernel": ISA_NAMES.get(cpu_attention_isa(), "not built")}
     try:
         import torch
 
