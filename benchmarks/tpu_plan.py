@@ -48,8 +48,7 @@ ROWS = {
     "sample_v5p_b8": ("sample", "configs/seesr.py", "v5p:1x1x1", ["[('data', 1)]"], [8], []),
     "sample_v6e_b1": ("sample", "configs/seesr.py", "v6e:1x1", ["[('data', 1)]"], [1], []),
     "sample_v6e_b8": ("sample", "configs/seesr.py", "v6e:1x1", ["[('data', 1)]"], [8], []),
-    "coser_sample_v5e_b1": ("sample", "configs/coser.py", "v5e:1x1", ["[('data', 1)]"], [1],
-                            []),
+    "coser_v5e_b1": ("sample", "configs/coser.py", "v5e:1x1", ["[('data', 1)]"], [1], []),
 }
 
 
