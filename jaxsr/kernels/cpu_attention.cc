@@ -7,15 +7,15 @@
 // softmax in separate passes and the value product with a second dot, each pass
 // reading the logits again; at 4096 tokens that is the single slowest op of the
 // SD UNet on a CPU. Here each task takes 64 query rows of one (batch, head) pair
-// and walks the keys in blocks of 256 with an online softmax (running max and
+// and walks the keys in blocks of 128 with an online softmax (running max and
 // sum), so a block's logits are produced, exponentiated and consumed while they
 // sit in the L1/L2 cache, and the logits never go to memory.
 //
 // The arithmetic is written with GCC/Clang vector extensions, compiled three times
 // on x86-64 (16-float vectors for AVX-512, 8 for AVX2 + FMA, 4 for the baseline)
-// and picked by what the CPU supports; elsewhere (NEON) as 4-float vectors. The result is deterministic and the
-// same for every batch size: each (pair, query block) is computed by one thread
-// in a fixed order.
+// and picked by what the CPU supports; elsewhere (NEON) as 4-float vectors. The
+// result is deterministic and the same for every batch size: each (pair, query
+// block) is computed by one thread in a fixed order.
 
 #include <algorithm>
 #include <atomic>
