@@ -27,7 +27,6 @@
 #include <functional>
 #include <memory>
 #include <mutex>
-#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -99,21 +98,21 @@ JAXSR_INLINE F ExpNonPositive(F x) {
 
 // Across the lanes by halving (a tree: a chain of N - 1 dependent scalar ops would
 // sit on the critical path of every row's softmax).
-template <int N, typename F>
-JAXSR_INLINE float HorizontalMax(F x) {
+template <int N, typename F, typename Op>
+JAXSR_INLINE float Horizontal(F x, Op op) {
   float t[N];
   std::memcpy(t, &x, sizeof x);
   for (int w = N / 2; w >= 1; w /= 2)
-    for (int i = 0; i < w; ++i) t[i] = std::max(t[i], t[i + w]);
+    for (int i = 0; i < w; ++i) t[i] = op(t[i], t[i + w]);
   return t[0];
 }
 template <int N, typename F>
+JAXSR_INLINE float HorizontalMax(F x) {
+  return Horizontal<N>(x, [](float a, float b) { return std::max(a, b); });
+}
+template <int N, typename F>
 JAXSR_INLINE float HorizontalSum(F x) {
-  float t[N];
-  std::memcpy(t, &x, sizeof x);
-  for (int w = N / 2; w >= 1; w /= 2)
-    for (int i = 0; i < w; ++i) t[i] += t[i + w];
-  return t[0];
+  return Horizontal<N>(x, [](float a, float b) { return a + b; });
 }
 
 // One attention call: q [B, Lq, H, D], k and v [B, Lk, H, D], out like q.
@@ -349,9 +348,11 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, const std::function<void(int6
 
 void Attend(ffi::ThreadPool& pool, Problem& s, const Ops& ops) {
   const int64_t pairs = s.batch * s.heads;
-  std::vector<float> kt(pairs * s.pair_size()), vp(pairs * s.pair_size());
-  s.kt = kt.data();
-  s.vp = vp.data();
+  // Uninitialised: PackPair writes every element, padding included.
+  std::unique_ptr<float[]> kt(new float[pairs * s.pair_size()]);
+  std::unique_ptr<float[]> vp(new float[pairs * s.pair_size()]);
+  s.kt = kt.get();
+  s.vp = vp.get();
   ParallelFor(pool, pairs, [&](int64_t p) { ops.pack(s, p); });
   ParallelFor(pool, pairs * s.q_blocks(), [&](int64_t t) { ops.task(s, t); });
 }

@@ -23,10 +23,16 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxsr.parallel.mesh import batch_axes
-from jaxsr.parallel.sharding import infer_shardings
-from jaxsr.plan.programs import Program, as_held, bytes_per_chip, global_batch, with_shardings
-
-_DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
+from jaxsr.plan.programs import (
+    _DTYPES,
+    Program,
+    as_held,
+    global_batch,
+    image_keys,
+    inference_parts,
+    inference_shardings,
+    with_shardings,
+)
 
 
 def coser_sample_program(config, mesh: Mesh, batch_per_chip: int, size: int,
@@ -65,8 +71,7 @@ def coser_sample_program(config, mesh: Mesh, batch_per_chip: int, size: int,
               "unet": as_held(coser_unet.param_shapes(arch.unet), dt),
               "controlnet": as_held(coser_controlnet.param_shapes(arch.controlnet), dt),
               "vae": as_held(vae.param_shapes(arch.vae), vdt)}
-    rules = [tuple(r) for r in config.get("sharding", {}).get("params", [(".*", "replicate")])]
-    params_sh = infer_shardings(params, mesh, rules)
+    params_sh = inference_shardings(params, config, mesh)
     n = global_batch(mesh, batch_per_chip)
     batch_sh = NamedSharding(mesh, P(batch_axes(mesh)))
     lr_side = size // upscale
@@ -74,14 +79,12 @@ def coser_sample_program(config, mesh: Mesh, batch_per_chip: int, size: int,
     text_shape = (n, arch.text_encoder.max_position_embeddings, arch.text_encoder.hidden_size)
     prompt = jax.ShapeDtypeStruct(text_shape, jnp.float32, sharding=batch_sh)
     negative = jax.ShapeDtypeStruct(text_shape, jnp.float32, sharding=batch_sh)
-    key = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), n))
-    keys = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=batch_sh)
+    keys = image_keys(n, batch_sh)
     jitted = jax.jit(partial(coser_restore, nets, settings),
                      in_shardings=(params_sh, None, batch_sh, batch_sh, batch_sh, batch_sh),
                      out_shardings=batch_sh)
     args = (with_shardings(params, params_sh), schedule, lr, prompt, negative, keys)
-    parts = {"params": 0, "optimizer": 0, "frozen": bytes_per_chip(params, params_sh),
-             "batch": sum(bytes_per_chip(x, x.sharding) for x in (lr, prompt, negative))}
+    parts = inference_parts(params, params_sh, (lr, prompt, negative))
     return Program("coser sample", jitted, args, n, parts,
                    notes=[f"{num_steps} respaced DDPM steps for the reference and again for "
                           f"the SR pass, guidance {settings.reference_guidance_scale} / "

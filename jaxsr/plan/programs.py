@@ -73,6 +73,26 @@ def as_held(tree, dtype):
          for k, v in flat.items()}, sep="/")
 
 
+def inference_shardings(params, config, mesh: Mesh):
+    """Shardings of an inference program's parameters: config.sharding.params rules
+    (default: every parameter replicated)."""
+    rules = [tuple(r) for r in config.get("sharding", {}).get("params", [(".*", "replicate")])]
+    return infer_shardings(params, mesh, rules)
+
+
+def image_keys(n: int, sharding):
+    """The [n] per-image typed PRNG keys of a sampling program, abstract."""
+    key = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), n))
+    return jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding)
+
+
+def inference_parts(params, params_sh, inputs) -> dict:
+    """argument_parts of an inference program: its parameters count as frozen, its
+    image/text `inputs` (sharded ShapeDtypeStructs) as the batch."""
+    return {"params": 0, "optimizer": 0, "frozen": bytes_per_chip(params, params_sh),
+            "batch": sum(bytes_per_chip(x, x.sharding) for x in inputs)}
+
+
 def global_batch(mesh: Mesh, batch_per_chip: int) -> int:
     """Images per step over the mesh's batch axes (every axis but 'tensor' and 'space')."""
     return batch_per_chip * math.prod(mesh.shape[a] for a in batch_axes(mesh))
@@ -197,8 +217,7 @@ def seesr_sample_program(config, mesh: Mesh, batch_per_chip: int, size: int,
     params = {"unet": as_held(unet.param_shapes(unet_cfg), dt),
               "controlnet": as_held(controlnet.param_shapes(cn_cfg), dt),
               "vae": as_held(vae.param_shapes(vae_cfg), vdt)}
-    rules = [tuple(r) for r in config.get("sharding", {}).get("params", [(".*", "replicate")])]
-    params_sh = infer_shardings(params, mesh, rules)
+    params_sh = inference_shardings(params, config, mesh)
     n = global_batch(mesh, batch_per_chip)
     ram = jax.eval_shape(
         lambda p, x: dape.DAPE(dape_cfg, dtype=jnp.float32).apply({"params": p}, x)[0],
@@ -217,16 +236,14 @@ def seesr_sample_program(config, mesh: Mesh, batch_per_chip: int, size: int,
                                 else (n, text_len, text_width), jnp.float32,
                                 sharding=batch_sh)
     ram_in = jax.ShapeDtypeStruct((n,) + ram.shape[1:], jnp.float32, sharding=batch_sh)
-    key = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), n))
-    keys = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=batch_sh)
+    keys = image_keys(n, batch_sh)
     fn = partial(restore, nets, settings)
     jitted = jax.jit(fn, in_shardings=(params_sh, None, control_sh, batch_sh, batch_sh,
                                        batch_sh),
                      out_shardings=control_sh)
     plan_arg = jax.tree.map(np.asarray, plan)
     args = (with_shardings(params, params_sh), plan_arg, control, text, ram_in, keys)
-    parts = {"params": 0, "optimizer": 0, "frozen": bytes_per_chip(params, params_sh),
-             "batch": sum(bytes_per_chip(x, x.sharding) for x in (control, text, ram_in))}
+    parts = inference_parts(params, params_sh, (control, text, ram_in))
     return Program("seesr sample", jitted, args, n, parts,
                    notes=[f"{plan.num_steps} {options.sampler} steps, guidance "
                           f"{options.guidance_scale}, {size}² outputs"])
