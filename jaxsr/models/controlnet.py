@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxsr.models.unet import DownBlock, MidBlock, UNetConfig, embed_timesteps
+from jaxsr.models.unet import MidBlock, UNetConfig, embed_timesteps, encoder_blocks
 from jaxsr.nn.layers import conv
 
 _DOWN_TO_UP = {"CrossAttnDownBlock2D": "CrossAttnUpBlock2D", "DownBlock2D": "UpBlock2D"}
@@ -193,20 +193,15 @@ class ControlNetModel(nn.Module):
         if image_encoder_hidden_states is not None:
             img_ctx = image_encoder_hidden_states.astype(dt)
 
-        chans, heads, levels = cfg.block_out_channels, cfg.heads, len(cfg.block_out_channels)
+        chans, heads = cfg.block_out_channels, cfg.heads
         h = conv(chans[0], "conv_in", dtype=dt)(sample.astype(dt))
         h = h + ControlNetConditioningEmbedding(
             tuple(cfg.conditioning_embedding_out_channels), chans[0], dt,
             name="controlnet_cond_embedding")(controlnet_cond.astype(dt))
 
         block = dict(config=cfg.block_config(), attention=self.attention, dtype=dt)
-        skips = [h]
-        for i in range(levels):
-            h, outs = DownBlock(channels=chans[i], heads=heads[i],
-                                with_attention=cfg.down_block_types[i] == "CrossAttnDownBlock2D",
-                                add_downsample=i < levels - 1, name=f"down_blocks_{i}",
-                                **block)(h, temb, ctx, img_ctx)
-            skips.extend(outs)
+        h, skips = encoder_blocks(block["config"], h, temb, ctx, img_ctx, dtype=dt,
+                                  attention=self.attention)
         h = MidBlock(channels=chans[-1], heads=heads[-1], with_attention=True, name="mid_block",
                      **block)(h, temb, ctx, img_ctx)
 

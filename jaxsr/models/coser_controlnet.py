@@ -32,7 +32,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxsr.models.unet import SD2_BASE_UNET, DownBlock, MidBlock, UNetConfig, embed_timesteps
+from jaxsr.models.unet import (
+    SD2_BASE_UNET,
+    MidBlock,
+    UNetConfig,
+    embed_timesteps,
+    encoder_blocks,
+)
 from jaxsr.nn.layers import conv
 
 _UP_OF = {"CrossAttnDownBlock2D": "CrossAttnUpBlock2D", "DownBlock2D": "UpBlock2D"}
@@ -93,18 +99,12 @@ class CoSeRControlNet(nn.Module):
                              f"{sample.shape} in batch, height and width")
         temb = embed_timesteps(cfg, sample.shape[0], timesteps, dt)
         ctx = encoder_hidden_states.astype(dt)
-        chans, heads, levels = cfg.block_out_channels, cfg.heads, len(cfg.block_out_channels)
+        chans, heads = cfg.block_out_channels, cfg.heads
 
         h = conv(chans[0], "conv_in", dtype=dt)(sample.astype(dt))
         h = h + _zero_conv(chans[0], "hint_zero_conv", dt, kernel=3)(hint.astype(dt))
         block = dict(config=cfg, attention=self.attention, dtype=dt)
-        skips = [h]
-        for i in range(levels):
-            h, outs = DownBlock(channels=chans[i], heads=heads[i],
-                                with_attention=cfg.down_block_types[i] == "CrossAttnDownBlock2D",
-                                add_downsample=i < levels - 1, name=f"down_blocks_{i}",
-                                **block)(h, temb, ctx, None)
-            skips.extend(outs)
+        h, skips = encoder_blocks(cfg, h, temb, ctx, None, dtype=dt, attention=self.attention)
         h = MidBlock(channels=chans[-1], heads=heads[-1], with_attention=True, name="mid_block",
                      **block)(h, temb, ctx, None)
         feats = [_zero_conv(s.shape[-1], f"controlnet_down_blocks_{k}", dt)(s)

@@ -33,13 +33,12 @@ import jax.numpy as jnp
 from jaxsr.models.aia import REFERENCE_ATTENTION_MODES, AiATransformer2D
 from jaxsr.models.unet import (
     SD2_BASE_UNET,
-    DownBlock,
     MidBlock,
     UNetConfig,
     UpBlock,
     embed_timesteps,
+    unet_body,
 )
-from jaxsr.nn.layers import GroupNorm, conv
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,49 +145,33 @@ class CoSeRUNet(nn.Module):
         if (lr_features is None) != (ref_features is None):
             raise ValueError("CoSeRUNet: pass both lr_features and ref_features (SR), or "
                              "neither (gen mode)")
-        feats = None
+        mid_control = up_controls = None
         if lr_features is not None:
             n = self.config.num_features
             if len(lr_features) != n or len(ref_features) != n:
                 raise ValueError(f"CoSeRUNet expects {n} ControlNet features each, got "
                                  f"{len(lr_features)} LR and {len(ref_features)} reference")
-            feats = list(zip(lr_features, ref_features))
+            mid_control, up_controls = route_control(cfg, list(zip(lr_features, ref_features)))
 
         temb = embed_timesteps(cfg, sample.shape[0], timesteps, dt)
-        ctx = encoder_hidden_states.astype(dt)
-        common = dict(config=cfg, attention=self.attention, dtype=dt)
-        aia = dict(common, reference_attention=self.config.reference_attention)
-        chans, heads, levels = cfg.block_out_channels, cfg.heads, len(cfg.block_out_channels)
+        return unet_body(cfg, sample, temb, encoder_hidden_states.astype(dt), dtype=dt,
+                         attention=self.attention, mid_block=AiAMidBlock, up_block=AiAUpBlock,
+                         decoder_kwargs=dict(reference_attention=self.config.reference_attention),
+                         mid_extra=mid_control, up_extra=up_controls)
 
-        h = conv(chans[0], "conv_in", dtype=dt)(sample.astype(dt))
-        skips = [h]
-        for i in range(levels):
-            h, outs = DownBlock(channels=chans[i], heads=heads[i],
-                                with_attention=cfg.down_block_types[i] == "CrossAttnDownBlock2D",
-                                add_downsample=i < levels - 1, name=f"down_blocks_{i}",
-                                **common)(h, temb, ctx, None)
-            skips.extend(outs)
 
-        mid_control = None if feats is None else (feats.pop(),)
-        h = AiAMidBlock(channels=chans[-1], heads=heads[-1], with_attention=True,
-                        name="mid_block", **aia)(h, temb, ctx, mid_control)
-
-        rev_chans, rev_heads = chans[::-1], heads[::-1]
-        n = cfg.layers_per_block + 1
-        for i in range(levels):
-            layer_skips, skips = skips[-n:][::-1], skips[:-n]
-            layer_control = None
-            if feats is not None:     # the features that sit at the same index as the skips
-                layer_control, feats = feats[-n:][::-1], feats[:-n]
-            up_size = tuple(skips[-1].shape[1:3]) if skips else None
-            h = AiAUpBlock(channels=rev_chans[i], heads=rev_heads[i],
-                           with_attention=cfg.up_block_types[i] == "CrossAttnUpBlock2D",
-                           add_upsample=i < levels - 1, name=f"up_blocks_{i}",
-                           **aia)(h, layer_skips, temb, ctx, layer_control, up_size)
-
-        h = GroupNorm(cfg.norm_num_groups, cfg.norm_eps, dt, name="conv_norm_out")(h)
-        h = conv(cfg.out_channels, "conv_out", dtype=dt)(nn.silu(h))
-        return h.astype(jnp.float32)
+def route_control(base: UNetConfig, feats: list):
+    """The 13 (lr, ref) feature pairs -> (the mid block's 1-tuple, per up level the
+    pairs its layers read, in layer order): level i takes the features at the indices
+    of the skips it concatenates, so the last layer of the encoder feeds the first
+    decoder layer."""
+    mid, rest = (feats[-1],), feats[:-1]
+    n, levels = base.layers_per_block + 1, len(base.block_out_channels)
+    ups = []
+    for _ in range(levels):
+        ups.append(rest[-n:][::-1])
+        rest = rest[:-n]
+    return mid, ups
 
 
 def dummy_inputs(config: CoSeRUNetConfig, batch: int = 1, size: int = 8):

@@ -215,46 +215,81 @@ class UNet2DConditionModel(nn.Module):
         img_ctx = None
         if image_encoder_hidden_states is not None:
             img_ctx = image_encoder_hidden_states.astype(dt)
-        block = dict(config=cfg, attention=self.attention, dtype=dt)
-        chans, heads, levels = cfg.block_out_channels, cfg.heads, len(cfg.block_out_channels)
-
-        h = conv(chans[0], "conv_in", dtype=dt)(sample.astype(dt))
-        skips = [h]
-        for i in range(levels):
-            h, outs = DownBlock(channels=chans[i], heads=heads[i],
-                                with_attention=cfg.down_block_types[i] == "CrossAttnDownBlock2D",
-                                add_downsample=i < levels - 1, name=f"down_blocks_{i}",
-                                **block)(h, temb, ctx, img_ctx)
-            skips.extend(outs)
-
-        if down_block_additional_residuals is not None:
-            if len(down_block_additional_residuals) != len(skips):
-                raise ValueError(f"expected {len(skips)} down-block residuals, got "
-                                 f"{len(down_block_additional_residuals)}")
-            skips = [s + r.astype(dt) for s, r in zip(skips, down_block_additional_residuals)]
-
-        h = MidBlock(channels=chans[-1], heads=heads[-1], with_attention=True, name="mid_block",
-                     **block)(h, temb, ctx, img_ctx)
-        if mid_block_additional_residual is not None:
-            h = h + mid_block_additional_residual.astype(dt)
-
-        rev_chans, rev_heads = chans[::-1], heads[::-1]
-        n = cfg.layers_per_block + 1
-        for i in range(levels):
-            layer_skips, skips = skips[-n:][::-1], skips[:-n]
-            # The next skip's size, so odd sizes on the way down come back exactly.
-            up_size = tuple(skips[-1].shape[1:3]) if skips else None
-            h = UpBlock(channels=rev_chans[i], heads=rev_heads[i],
-                        with_attention=cfg.up_block_types[i] == "CrossAttnUpBlock2D",
-                        add_upsample=i < levels - 1, name=f"up_blocks_{i}",
-                        **block)(h, layer_skips, temb, ctx, img_ctx, up_size)
-
-        h = GroupNorm(cfg.norm_num_groups, cfg.norm_eps, dt, name="conv_norm_out")(h)
-        h = conv(cfg.out_channels, "conv_out", dtype=dt)(nn.silu(h))
-        return h.astype(jnp.float32)
+        return unet_body(cfg, sample, temb, ctx, dtype=dt, attention=self.attention,
+                         extra_ctx=img_ctx, down_residuals=down_block_additional_residuals,
+                         mid_residual=mid_block_additional_residual)
 
     def time_embedding(self, sample, timesteps):
         return embed_timesteps(self.config, sample.shape[0], timesteps, self.dtype)
+
+
+def encoder_blocks(cfg: UNetConfig, h, temb, ctx, extra_ctx, *, dtype, attention: str):
+    """The down blocks `down_blocks_i` after conv_in (shared by the UNets and the
+    ControlNets, called inside their compact `__call__`). h [B, H, W, C0] ->
+    (h [B, H/2^(L-1), W/2^(L-1), C_last], the skips: h itself, then every down layer's
+    and downsampler's output)."""
+    chans, heads, levels = cfg.block_out_channels, cfg.heads, len(cfg.block_out_channels)
+    block = dict(config=cfg, attention=attention, dtype=dtype)
+    skips = [h]
+    for i in range(levels):
+        h, outs = DownBlock(channels=chans[i], heads=heads[i],
+                            with_attention=cfg.down_block_types[i] == "CrossAttnDownBlock2D",
+                            add_downsample=i < levels - 1, name=f"down_blocks_{i}",
+                            **block)(h, temb, ctx, extra_ctx)
+        skips.extend(outs)
+    return h, skips
+
+
+def unet_body(cfg: UNetConfig, sample, temb, ctx, *, dtype, attention: str, extra_ctx=None,
+              down_residuals: Sequence[jax.Array] | None = None,
+              mid_residual: jax.Array | None = None, mid_block=MidBlock, up_block=UpBlock,
+              decoder_kwargs: dict | None = None, mid_extra=None,
+              up_extra: Sequence | None = None):
+    """The SD UNet's skeleton: conv_in → down blocks → mid block → up blocks → conv_out.
+
+    Called inside a compact `__call__` (SeeSR's UNet, CoSeR's AiA UNet), so its
+    submodules take diffusers' names under the caller. One copy of the skip
+    bookkeeping means one place for the layers' sharding annotations.
+
+    sample [B, H, W, Cin]; temb [B, 4·C0]; ctx [B, L, D]. `extra_ctx` is every block's
+    last input (SeeSR's DAPE representation [B, 145, 512], or None); a different
+    decoder (`mid_block`, `up_block`, built with `decoder_kwargs` besides the shared
+    fields) may take its own last inputs instead: `mid_extra` for the mid block and
+    `up_extra[i]` for up level i. `down_residuals` (one per skip) and `mid_residual`
+    are ControlNet's outputs, added as diffusers does. Returns [B, H, W, Cout] float32.
+    """
+    decoder = dict(config=cfg, attention=attention, dtype=dtype, **(decoder_kwargs or {}))
+    chans, heads, levels = cfg.block_out_channels, cfg.heads, len(cfg.block_out_channels)
+
+    h = conv(chans[0], "conv_in", dtype=dtype)(sample.astype(dtype))
+    h, skips = encoder_blocks(cfg, h, temb, ctx, extra_ctx, dtype=dtype, attention=attention)
+
+    if down_residuals is not None:
+        if len(down_residuals) != len(skips):
+            raise ValueError(f"expected {len(skips)} down-block residuals, got "
+                             f"{len(down_residuals)}")
+        skips = [s + r.astype(dtype) for s, r in zip(skips, down_residuals)]
+
+    h = mid_block(channels=chans[-1], heads=heads[-1], with_attention=True, name="mid_block",
+                  **decoder)(h, temb, ctx, extra_ctx if mid_extra is None else mid_extra)
+    if mid_residual is not None:
+        h = h + mid_residual.astype(dtype)
+
+    rev_chans, rev_heads = chans[::-1], heads[::-1]
+    n = cfg.layers_per_block + 1
+    for i in range(levels):
+        layer_skips, skips = skips[-n:][::-1], skips[:-n]
+        # The next skip's size, so odd sizes on the way down come back exactly.
+        up_size = tuple(skips[-1].shape[1:3]) if skips else None
+        h = up_block(channels=rev_chans[i], heads=rev_heads[i],
+                     with_attention=cfg.up_block_types[i] == "CrossAttnUpBlock2D",
+                     add_upsample=i < levels - 1, name=f"up_blocks_{i}",
+                     **decoder)(h, layer_skips, temb, ctx,
+                                extra_ctx if up_extra is None else up_extra[i], up_size)
+
+    h = GroupNorm(cfg.norm_num_groups, cfg.norm_eps, dtype, name="conv_norm_out")(h)
+    h = conv(cfg.out_channels, "conv_out", dtype=dtype)(nn.silu(h))
+    return h.astype(jnp.float32)
 
 
 def embed_timesteps(cfg, batch: int, timesteps, dtype):
