@@ -11,6 +11,7 @@ import sys
 
 from jaxsr.commands import convert as convert_cmd
 from jaxsr.commands import demo as demo_cmd
+from jaxsr.commands import eval as eval_cmd
 from jaxsr.commands import plan as plan_cmd
 from jaxsr.commands import quickstart as quickstart_cmd
 from jaxsr.commands import sr as sr_cmd
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_cmd.register(sub)
     quickstart_cmd.register(sub)
     plan_cmd.register(sub)
+    eval_cmd.register(sub)
     return parser
 
 

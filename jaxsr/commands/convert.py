@@ -5,10 +5,17 @@
     jaxsr convert --coser CoSeR.ckpt --qformer QF.ckpt --sd v2-1_512-ema-pruned.ckpt \\
         [--cfw vqgan_cfw_00011.ckpt] [--open-clip open_clip_pytorch_model.bin] \\
         [--tokenizer SD21/tokenizer] --output DIR
+    jaxsr convert --metric lpips --from alexnet-owt-7be5be79.pth alex.pth --output METRIC_DIR
 
 The output folder holds the converted Flax parameters and a manifest (sources,
 hashes, dtypes, configs); `jaxsr sr --weights DIR` and the Python API read it
 without torch and without conversion.
+
+Every path may also be a Hugging Face Hub id, `org/name[/path/in/repo]` (when no
+such local path exists): e.g. `--sd stabilityai/stable-diffusion-2-base`. Only the
+files the converter reads are fetched, through the user's HF cache and token;
+HF_HUB_OFFLINE=1 uses the cache alone. --revision picks a branch, tag or commit; the
+manifest records each repo id, revision and commit (jaxsr.hub).
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from pathlib import Path
 def register(sub) -> None:
     p = sub.add_parser("convert", help="convert released PyTorch weights to a jaxsr folder",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sd", required=True, type=Path,
+    p.add_argument("--sd", type=Path,
                    help="Stable Diffusion 2 base: a diffusers folder or a single-file "
                         ".ckpt/.safetensors")
     p.add_argument("--seesr", type=Path,
@@ -55,7 +62,42 @@ def register(sub) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="storage dtype of the converted weights (default float32)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--revision",
+                   help="branch, tag or commit of every Hugging Face Hub id given (default main)")
+    m = p.add_argument_group("image-quality metric weights (instead of the models above)")
+    m.add_argument("--metric", metavar="NAME",
+                   help="a `jaxsr eval` metric (lpips, lpips-vgg, dists, fid, niqe, musiq, "
+                        "maniqa, clipiqa): writes OUTPUT/NAME/, so one OUTPUT folder holds every "
+                        "metric's weights")
+    m.add_argument("--from", dest="metric_from", nargs="+", type=Path, metavar="FILE",
+                   help="the metric's released weight file(s), e.g. for lpips "
+                        "alexnet-owt-7be5be79.pth alex.pth")
     p.set_defaults(run=run)
+
+
+# option -> the kind of source jaxsr.hub fetches for a hub id given there.
+_HUB_KINDS = {"sd": "sd", "seesr": "seesr", "ram": "file", "dape": "file", "tags": "file",
+              "thresholds": "file", "coser": "file", "qformer": "file", "cfw": "file",
+              "open_clip": "file", "tokenizer": "tokenizer"}
+
+
+def _resolve_hub_ids(args) -> dict:
+    """Replace each hub id among the path options by its local snapshot path;
+    returns {option: HubSource} for the manifest."""
+    from jaxsr.hub import resolve_weights
+    from jaxsr.models.tags import TAG_LIST_FILE, THRESHOLD_FILE
+
+    found = {}
+    for dest, kind in _HUB_KINDS.items():
+        siblings = (TAG_LIST_FILE, THRESHOLD_FILE) if dest == "ram" else ()
+        local, source = resolve_weights(getattr(args, dest, None), kind,
+                                        revision=args.revision, siblings=siblings)
+        if source is not None:
+            setattr(args, dest, local)
+            found[dest] = source
+    if args.revision is not None and not found:
+        raise ValueError("--revision is for Hugging Face Hub ids; every path given is local")
+    return found
 
 
 def _count(params) -> int:
@@ -65,7 +107,49 @@ def _count(params) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 
 
+def _run_metric(args) -> int:
+    """`--metric NAME --from FILE ...`: OUTPUT/NAME/ holding the one module NAME."""
+    from jaxsr.convert.cache import save_converted
+    from jaxsr.metrics.registry import convert_metric
+
+    given = [o for o, v in (("--sd", args.sd), ("--seesr", args.seesr), ("--coser", args.coser))
+             if v is not None]
+    if given:
+        raise ValueError(f"--metric converts metric weights only; drop {', '.join(given)}")
+    if not args.metric_from:
+        raise ValueError(f"--metric {args.metric} needs --from FILE [FILE ...]")
+    for f in args.metric_from:
+        if not f.is_file():
+            raise FileNotFoundError(f"--from {f}: no such file")
+    out: Path = args.output / args.metric
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    config, params = convert_metric(args.metric, args.metric_from)
+    save_converted(out, {args.metric: (config, params)}, sources=args.metric_from,
+                   dtype=args.dtype)
+    print(f"converted {args.metric} -> {out}  ({_count(params):,d} parameters, {config})")
+    sys.stdout.flush()
+    return 0
+
+
 def run(args) -> int:
+    if args.metric is not None:
+        return _run_metric(args)
+    if args.metric_from:
+        raise ValueError("--from goes with --metric NAME")
+    if args.sd is None:
+        raise ValueError("--sd is required (or --metric NAME --from FILE ... for metric "
+                         "weights)")
+    from jaxsr.hub import record_in_manifest
+
+    hub = _resolve_hub_ids(args)
+    code = _convert(args)
+    if code == 0:
+        record_in_manifest(args.output, hub)
+    return code
+
+
+def _convert(args) -> int:
     from jaxsr.convert.cache import save_converted
     from jaxsr.convert.sd2 import load_sd2, sd2_modules
 
