@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jaxsr.commands import app as app_cmd
 from jaxsr.commands import convert as convert_cmd
 from jaxsr.commands import demo as demo_cmd
 from jaxsr.commands import eval as eval_cmd
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     quickstart_cmd.register(sub)
     plan_cmd.register(sub)
     eval_cmd.register(sub)
+    app_cmd.register(sub)
     return parser
 
 

@@ -5,7 +5,9 @@ format `jaxsr convert` writes (manifest, per-module configs and params, tokenize
 RAM tag files), with randomly initialised networks of the config's sizes; the tiny
 config (configs/seesr.py "tiny") takes seconds. `sample_images()` draws a few
 synthetic low-resolution test pictures (shapes, gradients, stripes and text-like
-detail at different sizes). `jaxsr demo` runs `jaxsr sr` on them.
+detail at different sizes) and `write_sample_images(folder)` saves them as PNGs.
+This module is the one home of both: `jaxsr demo` runs `jaxsr sr` on them, and
+`jaxsr app --demo` serves the weights with the pictures as the page's examples.
 
 The outputs of random weights are of course not sharp pictures; the demo shows the
 whole path (files in, tags, prompts, sampling, colour fix, files out) runs.
@@ -167,3 +169,16 @@ def sample_images(seed: int = 0) -> dict[str, np.ndarray]:
         img += rng.normal(0, 6, img.shape)            # sensor-like noise
         out[name] = np.clip(img, 0, 255).astype(np.uint8)
     return out
+
+
+def write_sample_images(folder, seed: int = 0) -> list[Path]:
+    """`sample_images(seed)` saved as folder/<name>.png; returns the paths."""
+    from jaxsr.data.image_io import save_image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, image in sample_images(seed).items():
+        save_image(folder / f"{name}.png", image)
+        paths.append(folder / f"{name}.png")
+    return paths

@@ -32,16 +32,18 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from configs import seesr as seesr_config
-    from jaxsr.cli import main as cli_main
-    from jaxsr.data.image_io import save_image
-    from jaxsr.demo import sample_images, write_random_seesr
+    from jaxsr.commands import sr as sr_cmd
+    from jaxsr.demo import write_random_seesr, write_sample_images
 
     weights, inputs = args.output / "weights", args.output / "inputs"
     if not (weights / "manifest.json").is_file():
         write_random_seesr(weights, seesr_config.get_config(args.config))
-    inputs.mkdir(parents=True, exist_ok=True)
-    for name, image in sample_images().items():
-        save_image(inputs / f"{name}.png", image)
-    return cli_main(["sr", str(inputs), "--weights", str(weights), "--output",
-                     str(args.output / "outputs"), "--steps", str(args.steps),
-                     "--process-size", str(args.process_size)])
+    write_sample_images(inputs)
+    # `jaxsr sr` through its own parser: this module must not import jaxsr.cli, which
+    # imports it.
+    parser = argparse.ArgumentParser(prog="jaxsr")
+    sr_cmd.register(parser.add_subparsers())
+    sr_args = parser.parse_args(["sr", str(inputs), "--weights", str(weights), "--output",
+                                 str(args.output / "outputs"), "--steps", str(args.steps),
+                                 "--process-size", str(args.process_size)])
+    return sr_cmd.run(sr_args)
