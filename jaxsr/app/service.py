@@ -14,6 +14,7 @@ of the same bucket runs without compiling.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import tempfile
 import threading
@@ -26,6 +27,7 @@ import numpy as np
 from jaxsr.app.uploads import check_upload
 from jaxsr.data.image_io import save_image
 from jaxsr.data.resize import pil_bicubic
+from jaxsr.inference import step_progress
 from jaxsr.inference.inputs import plan_jobs
 
 DEFAULT_MAX_PIXELS = 1024 * 1024        # input pixels; the output has upscale² times more
@@ -118,15 +120,27 @@ class SRService:
         return SeeSROptions.sd_turbo(**given) if turbo else SeeSROptions(**given)
 
     def run(self, path, settings: dict, *, seed: int, samples: int = 1, turbo: bool = False,
-            progress: Callable[[float, str], None] | None = None) -> SRResult:
+            progress: Callable[[float, str], None] | None = None,
+            on_step: Callable[[int, int, str], None] | None = None) -> SRResult:
         """Super-resolve one uploaded file (see the module doc). UploadError for a bad
-        upload, ValueError for bad settings; nothing is computed before both pass."""
+        upload, ValueError for bad settings; nothing is computed before both pass.
+
+        progress(fraction, text): per batch. on_step(done, total, label): per denoising
+        step, done = 1..total of one sampling loop of one batch, label e.g. "batch 2/3,
+        sr step 4/50" (the loops: SeeSR's "denoise", CoSeR's "reference" and "sr").
+        With on_step the pipeline runs its programs compiled with step reports
+        (jaxsr.inference.step_progress), which give the same pictures."""
         image = check_upload(path, self.max_pixels)
         options = self.options(settings, turbo=turbo)
         if not 1 <= samples <= MAX_SAMPLES:
             raise ValueError(f"sample count must be in 1..{MAX_SAMPLES}, got {samples}")
         report = progress or (lambda fraction, text: None)
-        with self._lock:
+        relay = None if on_step is None else _StepRelay(on_step)
+        if relay is not None:
+            options = dataclasses.replace(options, step_progress=True)
+        listening = (contextlib.nullcontext() if relay is None
+                     else step_progress.listening(relay))
+        with self._lock, listening:
             started = time.monotonic()
             self._count += 1
             folder = self.output_dir / f"request-{self._count:05d}"
@@ -141,6 +155,8 @@ class SRService:
                 chunk = jobs[start:start + step]
                 report(start / len(jobs),
                        f"samples {start + 1}-{start + len(chunk)} of {len(jobs)}")
+                if relay is not None:
+                    relay.batch, relay.batches = start // step + 1, -(-len(jobs) // step)
                 srs, used, refs = self._batch(image, chunk, options, seed, samples)
                 images += srs
                 prompts += used
@@ -169,6 +185,19 @@ class SRService:
                                       ids=[job.stream for job in chunk],
                                       batch_size=len(chunk), return_prompts=True)
         return srs, used, [None] * len(srs)
+
+
+class _StepRelay:
+    """A request's on_step(done, total, label) fed by the sampling loops' step reports
+    (step, total, loop); the label names the batch when the request has several."""
+
+    def __init__(self, on_step: Callable[[int, int, str], None]):
+        self.on_step = on_step
+        self.batch, self.batches = 1, 1
+
+    def __call__(self, done: int, total: int, loop: str) -> None:
+        where = f"batch {self.batch}/{self.batches}, " if self.batches > 1 else ""
+        self.on_step(done, total, f"{where}{loop} step {done}/{total}")
 
 
 _LISTENING = []

@@ -11,7 +11,8 @@ result against the bicubic input, all samples, CoSeR's generated reference, the
 prompt used (SeeSR: DAPE's tags first), the time taken, and the PNG files to download.
 
 Requests go through Gradio's queue one at a time (one pipeline on the devices); the
-progress bar advances per sample. The API endpoint is "/upscale", its inputs in the
+progress bar advances per denoising step of each batch (the pipelines' step reports,
+jaxsr.inference.step_progress). The API endpoint is "/upscale", its inputs in the
 order of `input_names(model)`.
 """
 
@@ -96,9 +97,10 @@ def defaults(model: str, overrides: dict | None = None) -> dict:
     return {c.name: values[c.name] for c in controls(model)}
 
 
-def handle(service: SRService, model: str, values: tuple, progress=None):
+def handle(service: SRService, model: str, values: tuple, progress=None, on_step=None):
     """One request: (status, slider pair, gallery, reference, prompt, time, files).
-    A bad upload or bad settings give an error status and empty outputs."""
+    A bad upload or bad settings give an error status and empty outputs. progress,
+    on_step: `SRService.run`'s per-batch and per-step reports."""
     number = service.next_request()
     given = dict(zip(input_names(model), values))
     try:
@@ -110,7 +112,7 @@ def handle(service: SRService, model: str, values: tuple, progress=None):
         turbo = bool(given.pop("turbo", False))
         settings = {k: (int(v) if k in _INTS else v) for k, v in given.items()}
         result = service.run(path, settings, seed=seed, samples=samples, turbo=turbo,
-                             progress=progress)
+                             progress=progress, on_step=on_step)
     except (UploadError, ValueError) as e:
         return (f"request {number}: **error:** {e}", None, None, None, "", "", None)
     h, w = result.images[0].shape[:2]
@@ -167,7 +169,9 @@ def build(service: SRService, overrides: dict | None = None, examples=()):
         # Gradio gives a request its progress bar through this default value.
         def on_run(*values, progress=gr.Progress()):  # noqa: B008
             return handle(service, model, values,
-                          progress=lambda fraction, text: progress(fraction, desc=text))
+                          progress=lambda fraction, text: progress(fraction, desc=text),
+                          on_step=lambda done, total, label: progress(
+                              (done, total), desc=label, unit="steps"))
 
         run.click(on_run, inputs=widgets,
                   outputs=[status, compare, gallery, reference, prompt, seconds, files],

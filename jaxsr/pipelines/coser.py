@@ -56,6 +56,7 @@ from jax.sharding import PartitionSpec as P
 from jaxsr.convert.cache import tensor_info
 from jaxsr.convert.coser_weights import CoSeRWeights, load_coser_folder
 from jaxsr.diffusion.respace import respaced_schedule
+from jaxsr.inference import step_progress
 from jaxsr.models.cfw_vae import CFWAutoencoderKL
 from jaxsr.models.clip_text import CLIPTextModel
 from jaxsr.models.cognitive import CognitiveEncoder
@@ -119,6 +120,9 @@ class CoSeROptions:
     patch_stride: int = 1000              # (vqgantile_stride)
     upscale: int = 4                      # --upscale: the output is upscale× the input
     tiled_padding: str = "exact"          # exact | script (see the module docstring)
+    # Report each denoising step to jaxsr.inference.step_progress's listeners (a
+    # separately compiled program; the images are the same).
+    step_progress: bool = False
 
     def __post_init__(self):
         problems = []
@@ -314,7 +318,8 @@ class CoSeRPipeline:
                              fusion_weight=float(options.fusion_weight),
                              latent_tile=options.latent_tile,
                              latent_tile_overlap=options.latent_tile_overlap,
-                             upscale=options.upscale)
+                             upscale=options.upscale,
+                             step_progress=options.step_progress)
 
     def _nets_for(self, options: CoSeROptions) -> CoSeRNetworks:
         if options.decoder == "cfw" and not self.has_cfw:
@@ -326,7 +331,9 @@ class CoSeRPipeline:
         key = (kind, nets.cfw is not None, settings)
         if key not in self._programs:
             fn = coser_restore if kind == "reference" else coser_restore_tiled
-            self._programs[key] = jax.jit(partial(fn, nets, settings))
+            program = jax.jit(partial(fn, nets, settings))
+            self._programs[key] = (step_progress.tracked(program) if settings.step_progress
+                                   else program)
         return self._programs[key]
 
     def _schedule(self, steps: int):

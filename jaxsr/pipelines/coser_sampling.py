@@ -55,6 +55,7 @@ from jaxsr.diffusion.noise import noise_source, per_image_normal
 from jaxsr.diffusion.respace import RespacedSchedule, ldm_noise_tables, respaced_step
 from jaxsr.diffusion.samplers import per_step
 from jaxsr.diffusion.tiling import tiled_apply
+from jaxsr.inference import step_progress
 from jaxsr.models.cfw_vae import CFWAutoencoderKL
 from jaxsr.models.cognitive import CognitiveEncoder
 from jaxsr.models.coser_controlnet import CoSeRControlNet
@@ -83,6 +84,7 @@ class CoSeRSettings(NamedTuple):
     latent_tile: int = 64                    # coser_restore_tiled only
     latent_tile_overlap: int = 32
     upscale: int = UPSCALE                   # coser_restore's bicubic enlargement (--upscale)
+    step_progress: bool = False              # report each loop step to the host
 
 
 class CoSeRNetworks(NamedTuple):
@@ -132,6 +134,13 @@ def _timesteps(schedule: RespacedSchedule, i, batch: int):
     return jnp.full((batch,), schedule.timesteps[i], jnp.int32)
 
 
+def _report(settings: CoSeRSettings, i, schedule: RespacedSchedule, loop: str) -> None:
+    """Step i of `loop` to the host's step listeners, when settings ask for it (static:
+    without it the program has no callback)."""
+    if settings.step_progress:
+        step_progress.report(i, schedule.num_steps, loop)
+
+
 def generate_reference(nets: CoSeRNetworks, settings: CoSeRSettings, unet_params,
                        schedule: RespacedSchedule, x_start, positive, negative, noise):
     """Reference latent z_ref: the respaced DDPM from x_start with the gen-mode UNet.
@@ -150,6 +159,7 @@ def generate_reference(nets: CoSeRNetworks, settings: CoSeRSettings, unet_params
         eps = eps_of(p, x, t, positive)
         if g != 1.0:   # as LDM: no unconditional pass without guidance
             eps = guide(eps_of(p, x, t, negative), eps, g)
+        _report(settings, i, schedule, step_progress.REFERENCE)
         return respaced_step(schedule, i, x, eps, noise("reference_steps", REFERENCE_STREAM, i))
 
     return jax.lax.fori_loop(0, schedule.num_steps, body, x_start.astype(jnp.float32))
@@ -181,6 +191,7 @@ def super_resolve(nets: CoSeRNetworks, settings: CoSeRSettings, params,
         t = _timesteps(schedule, i, b)
         step_params, x = per_step(params, x)
         eps = sr_eps(nets, settings, step_params, t, x, z_lr, z_ref, positive, negative)
+        _report(settings, i, schedule, step_progress.SR)
         return respaced_step(schedule, i, x, eps, noise("steps", SR_STREAM, i))
 
     return jax.lax.fori_loop(0, schedule.num_steps, body, x_start.astype(jnp.float32))
@@ -303,6 +314,7 @@ def coser_restore_tiled(nets: CoSeRNetworks, settings: CoSeRSettings, params: di
         step_params, x = per_step(params, x)
         eps = guided_tiled_eps(nets, settings, step_params, t, x, z_lr, z_ref, positive,
                                negative)
+        _report(settings, i, schedule, step_progress.SR)
         return respaced_step(schedule, i, x, eps, noise("steps", SR_STREAM, i))
 
     z = jax.lax.fori_loop(0, schedule.num_steps, body, x_start)

@@ -43,6 +43,7 @@ from jaxsr.data.image_io import to_rgb_uint8
 from jaxsr.data.resize import pil_bicubic, seesr_upscale_input, seesr_upscale_sizes
 from jaxsr.diffusion.samplers import SAMPLERS, make_sampler
 from jaxsr.diffusion.schedule import SchedulerConfig
+from jaxsr.inference import step_progress
 from jaxsr.models.clip_text import CLIPTextModel
 from jaxsr.models.controlnet import ControlNetModel
 from jaxsr.models.dape import DAPE, IMAGENET_MEAN, IMAGENET_STD
@@ -96,6 +97,9 @@ class SeeSROptions:
     upscale: int = 4
     process_size: int = 512               # a side below process_size // upscale is enlarged
     timestep_spacing: str | None = None   # override the scheduler's (sd-turbo: "trailing")
+    # Report each denoising step to jaxsr.inference.step_progress's listeners (a
+    # separately compiled program; the images are the same).
+    step_progress: bool = False
 
     def __post_init__(self):
         problems = []
@@ -181,7 +185,8 @@ def sampling_settings(options: SeeSROptions, alphas_cumprod) -> SamplingSettings
         latent_tile=options.latent_tile, latent_tile_overlap=options.latent_tile_overlap,
         vae_encoder_tile=options.vae_encoder_tile,
         vae_decoder_tile=options.vae_decoder_tile,
-        start_from_noise=options.start_point == "noise")
+        start_from_noise=options.start_point == "noise",
+        step_progress=options.step_progress)
 
 
 def pad_rows(x: np.ndarray, n: int, axis: int = 0) -> np.ndarray:
@@ -325,6 +330,8 @@ class SeeSRPipeline:
         fn = self._restore_fns.get(settings)
         if fn is None:
             fn = jax.jit(partial(restore, self.nets, settings))
+            if settings.step_progress:
+                fn = step_progress.tracked(fn)
             self._restore_fns[settings] = fn
         return fn
 

@@ -37,6 +37,7 @@ from jaxsr.diffusion.noise import noise_source
 from jaxsr.diffusion.samplers import SamplerPlan, per_step, sampler_init, sampler_step
 from jaxsr.diffusion.tiled_vae import tiled_decode, tiled_encode
 from jaxsr.diffusion.tiling import maybe_tiled_apply
+from jaxsr.inference import step_progress
 from jaxsr.models.controlnet import ControlNetModel
 from jaxsr.models.unet import UNet2DConditionModel
 from jaxsr.models.vae import AutoencoderKL
@@ -58,6 +59,7 @@ class SamplingSettings(NamedTuple):
     vae_encoder_tile: int
     vae_decoder_tile: int
     start_from_noise: bool = False   # start_point "noise": x_T = ε, the LR is not encoded
+    step_progress: bool = False      # report each loop step to the host (step_progress.py)
 
     @property
     def guided(self) -> bool:
@@ -125,6 +127,8 @@ def denoise(nets: Networks, settings: SamplingSettings, params, plan: SamplerPla
         eps = guided_eps(nets, settings, step_params, plan.timesteps[i], x, control, text, ram)
         step_noise = noise("steps", STEP_STREAM, i) if plan.needs_noise else None
         state, x = sampler_step(plan, state, i, x, eps, step_noise)
+        if settings.step_progress:
+            step_progress.report(i, plan.num_steps, step_progress.DENOISE)
         return x, state
 
     x, _ = jax.lax.fori_loop(0, plan.num_steps, body, (x, sampler_init(plan, x)))
