@@ -49,6 +49,13 @@ ROWS = {
     "sample_v6e_b1": ("sample", "configs/seesr.py", "v6e:1x1", ["[('data', 1)]"], [1], []),
     "sample_v6e_b8": ("sample", "configs/seesr.py", "v6e:1x1", ["[('data', 1)]"], [8], []),
     "coser_v5e_b1": ("sample", "configs/coser.py", "v5e:1x1", ["[('data', 1)]"], [1], []),
+    # 2048² outputs on 4 chips: one image per chip in SeeSR's latent tiles (96² tiles,
+    # overlap 4), against one image split by height over the 4 chips, untiled.
+    "tiled_2048_v5p": ("sample", "configs/seesr.py", "v5p:2x2x1", ["[('data', 4)]"], [1],
+                       ["--size", "2048"]),
+    "spatial_2048_v5p": ("sample", "configs/seesr.py", "v5p:2x2x1",
+                         ["[('data', 1), ('space', 4)]"], [1],
+                         ["--size", "2048", "--config.sampling.latent_tile=256"]),
 }
 
 

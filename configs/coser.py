@@ -67,6 +67,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         steps=50, guidance_scale=3.0, reference_guidance_scale=3.0, color_fix="none",
         fusion_weight=0.5, seed=2887, prompt="", negative_prompt=NEGATIVE_PROMPT,
         upscale=4,
+        # The final decoder: "cfw" (StableSR's CFW autoencoder, on in the release) or
+        # "vae" (the plain SD decoder, the original's --wocfw). `jaxsr sr` uses CFW when
+        # the weights folder has it (--decoder); `jaxsr plan` compiles this one.
+        decoder="cfw",
         # Large images: latent tiles with Gaussian blending (inference_tile.py's grid).
         latent_tile=64, latent_tile_overlap=32,
     )

@@ -192,14 +192,16 @@ def test_cli_writes_the_report_for_the_tiny_sampling_program(tmp_path, capfd):
 
 def test_tiny_coser_sampling_program_compiles_for_v5e_2x2():
     """CoSeR's reference-mode program (cognitive embedding, reference generation, SR
-    pass, decode) from configs/coser.py:tiny, data-parallel over the 4 chips; its
-    replicated parameters are every network's held bytes."""
+    pass, CFW decode) from configs/coser.py:tiny, data-parallel over the 4 chips; its
+    replicated parameters are every network's held bytes, the CFW autoencoder's
+    included."""
     from flax import traverse_util
 
     from configs import coser
     from jaxsr.commands.plan import build_plan
     from jaxsr.convert.coser_weights import CoSeRArchitecture
     from jaxsr.models import coser_controlnet, coser_unet, vae
+    from jaxsr.models.cfw_vae import CFWConfig, cfw_param_shapes
     from jaxsr.models.cognitive import param_shapes as cognitive_shapes
 
     args = plan_args(program="sample", config="configs/coser.py:tiny", size=64, steps=2,
@@ -208,6 +210,7 @@ def test_tiny_coser_sampling_program_compiles_for_v5e_2x2():
     assert report["program"] == "coser sample" and report["mesh"] == {"data": 4}
     assert report["chips"] == 4 and report["fits"] and report["flops_per_chip"] > 0
     assert report["images_per_step"] == 4
+    assert "CFW decoder" in report["notes"][0]
     assert not [w for w in report["warnings"] if "remat" in w.lower()], report["warnings"]
     arch = CoSeRArchitecture.from_config(coser.get_config("tiny"))
     nbytes = lambda tree, dtype=None: sum(
@@ -215,7 +218,8 @@ def test_tiny_coser_sampling_program_compiles_for_v5e_2x2():
         for k, x in traverse_util.flatten_dict(tree, sep="/").items())
     want = (nbytes(cognitive_shapes(arch.cognitive)) + nbytes(vae.param_shapes(arch.vae))
             + nbytes(coser_unet.param_shapes(arch.unet), "bf16")
-            + nbytes(coser_controlnet.param_shapes(arch.controlnet), "bf16"))
+            + nbytes(coser_controlnet.param_shapes(arch.controlnet), "bf16")
+            + nbytes(cfw_param_shapes(arch.vae, CFWConfig())))
     assert report["memory"]["frozen"] == want
     assert report["memory"]["optimizer"] == 0
 

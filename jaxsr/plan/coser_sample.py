@@ -5,11 +5,12 @@
 What `CoSeRPipeline` jits for images whose outputs fit one pass: the cognitive
 embedding of the LR image, the LR latent, reference generation (guided AiA UNet) and
 the guided SR pass (AiA UNet + ControlNet), both over config.sampling.steps respaced
-DDPM steps, then the VAE decode of the SR and reference latents. The plain VAE
-decoder: the CFW decoder's shape is read off its checkpoint, which a plan does not
-have. Parameters are held as the pipeline holds them (bfloat16 kernels when the
-networks compute in bfloat16) and placed by config.sharding.params (default:
-replicated); images, prompts and keys are split over the batch axes.
+DDPM steps, then the decode of the SR latent (config.sampling.decoder: "cfw", StableSR's
+CFW autoencoder fusing the LR image's encoder features, with the released fusion
+layers' shape `CFWConfig()`; or "vae") and of the reference latent (plain VAE).
+Parameters are held as the pipeline holds them (bfloat16 kernels when the networks
+compute in bfloat16) and placed by config.sharding.params (default: replicated);
+images, prompts and keys are split over the batch axes.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def coser_sample_program(config, mesh: Mesh, batch_per_chip: int, size: int,
     from jaxsr.convert.coser_weights import CoSeRArchitecture
     from jaxsr.diffusion.respace import respaced_schedule
     from jaxsr.models import coser_controlnet, coser_unet, vae
+    from jaxsr.models.cfw_vae import CFWAutoencoderKL, CFWConfig, cfw_param_shapes
     from jaxsr.models.cognitive import CognitiveEncoder
     from jaxsr.models.cognitive import param_shapes as cognitive_shapes
     from jaxsr.pipelines.coser import COLOR_FIXES
@@ -55,11 +57,19 @@ def coser_sample_program(config, mesh: Mesh, batch_per_chip: int, size: int,
     if size % (8 * upscale):
         raise ValueError(f"--size {size} must be a multiple of {8 * upscale} (the LR side "
                          f"times upscale {upscale} must be a whole number of latents)")
+    decoder = s.get("decoder", "cfw")
+    if decoder not in ("cfw", "vae"):
+        raise ValueError(f"config.sampling.decoder={decoder!r}: choose 'cfw' or 'vae'")
+    # The released fusion layers' shape (vqgan_cfw_00011.ckpt); a converted folder
+    # records its own, read off the checkpoint.
+    cfw = CFWConfig(fusion_weight=float(s.fusion_weight))
     nets = CoSeRNetworks(
         cognitive=CognitiveEncoder(arch.cognitive, attention=att, dtype=jnp.float32),
         unet=coser_unet.CoSeRUNet(arch.unet, dtype=dt, attention=att),
         controlnet=coser_controlnet.CoSeRControlNet(arch.controlnet, dtype=dt, attention=att),
-        vae=vae.AutoencoderKL(arch.vae, dtype=vdt, attention=att))
+        vae=vae.AutoencoderKL(arch.vae, dtype=vdt, attention=att),
+        cfw=(CFWAutoencoderKL(arch.vae, cfw=cfw, dtype=vdt, attention=att)
+             if decoder == "cfw" else None))
     settings = CoSeRSettings(guidance_scale=float(s.guidance_scale),
                              reference_guidance_scale=float(s.reference_guidance_scale),
                              color_fix=COLOR_FIXES[s.color_fix],
@@ -71,6 +81,8 @@ def coser_sample_program(config, mesh: Mesh, batch_per_chip: int, size: int,
               "unet": as_held(coser_unet.param_shapes(arch.unet), dt),
               "controlnet": as_held(coser_controlnet.param_shapes(arch.controlnet), dt),
               "vae": as_held(vae.param_shapes(arch.vae), vdt)}
+    if decoder == "cfw":
+        params["cfw"] = as_held(cfw_param_shapes(arch.vae, cfw), vdt)
     params_sh = inference_shardings(params, config, mesh)
     n = global_batch(mesh, batch_per_chip)
     batch_sh = NamedSharding(mesh, P(batch_axes(mesh)))
@@ -88,4 +100,7 @@ def coser_sample_program(config, mesh: Mesh, batch_per_chip: int, size: int,
     return Program("coser sample", jitted, args, n, parts,
                    notes=[f"{num_steps} respaced DDPM steps for the reference and again for "
                           f"the SR pass, guidance {settings.reference_guidance_scale} / "
-                          f"{settings.guidance_scale}, {size}² outputs, VAE decoder (no CFW)"])
+                          f"{settings.guidance_scale}, {size}² outputs, "
+                          + ("CFW decoder (fusion weight "
+                             f"{settings.fusion_weight})" if decoder == "cfw"
+                             else "plain VAE decoder")])
