@@ -66,7 +66,13 @@ def run_plan(program, config, topology, mesh, batch, extra, timeout) -> dict:
                config, "--topology", topology, "--mesh", mesh, "--batch-per-chip",
                str(batch), "--json", str(out), *extra]
         start = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            # A compile that outlasts --timeout is a row of the table too (the host's
+            # limit, not the slice's), not the end of the run.
+            return {"error": f"compile not finished in {timeout} s (--timeout)",
+                    "batch_per_chip": batch, "topology": topology, "mesh_arg": mesh}
         if proc.returncode or not out.exists():
             return {"error": (proc.stderr or proc.stdout)[-2000:], "batch_per_chip": batch,
                     "topology": topology, "mesh_arg": mesh}
