@@ -82,4 +82,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # WORKDIR/samples/ and TensorBoard; 0 turns it off.
     config.samples = dict(every=0, source="", count=2, size=128 if tiny else 512,
                           steps=20 if tiny else 50, seed=0)
+    # Score SR results of held-out photos (chosen and degraded as the samples are) every
+    # `every` steps with `metrics` (jaxsr eval's names), logged as eval/<metric> in
+    # metrics.jsonl and TensorBoard; 0 turns it off. Metrics with weights (lpips) read
+    # them from `metric_weights` (`jaxsr convert --metric` output) and are left out
+    # when it is empty.
+    config.eval = dict(every=0, source="", count=2, size=128 if tiny else 512,
+                       steps=20 if tiny else 50, seed=0, metrics="psnr,ssim,lpips",
+                       metric_weights="", crop_border=0, y_channel=False)
     return config

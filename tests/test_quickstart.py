@@ -43,6 +43,14 @@ def test_quickstart_trains_and_super_resolves(tmp_path):
     print(f"training sample vs exported-weights SR: PSNR {psnr:.1f} dB")
     assert psnr >= 40
     assert psnr_uint8(np.asarray(Image.open(samples[0]))[:, sr_panel], last[:, sr_panel]) < 60
+    # Held-out evaluation at the sample steps (config.eval): its PSNR is that of the same
+    # photo's SR, so it equals the last sample image's SR panel against its HR panel.
+    rows = [json.loads(s) for s in (work / "train" / "metrics.jsonl").read_text().splitlines()]
+    held_out = {r["step"]: r for r in rows if "eval/psnr" in r}
+    assert sorted(held_out) == [10, 20] and all("eval/ssim" in r for r in held_out.values())
+    hr_panel = slice(2 * 128 + 8, 3 * 128 + 8)
+    want = psnr_uint8(last[:, sr_panel], last[:, hr_panel])
+    assert abs(held_out[20]["eval/psnr"] - want) <= 1e-5 * want
     assert (work / "train" / "checkpoints" / "20").is_dir()
     assert (work / "weights" / "manifest.json").is_file()
     assert any((work / "train" / "tensorboard").iterdir())

@@ -80,6 +80,12 @@ def run(args) -> int:
     config.samples.source = str(held_out.parent)
     config.samples.count = 1
     config.samples.steps = args.sr_steps
+    # Held-out PSNR/SSIM at the same steps (metrics.jsonl rows with eval/psnr, eval/ssim).
+    config.eval.every = config.samples.every
+    config.eval.source = config.samples.source
+    config.eval.count = 1
+    config.eval.steps = args.sr_steps
+    config.eval.metrics = "psnr,ssim"
     for item in getattr(args, "config_overrides", []):
         apply_override(config, item)
     result = train(config, work / "train")
@@ -88,7 +94,7 @@ def run(args) -> int:
 
     weights = export_seesr(init, result.state.params, work / "weights", step=result.step)
     rows = [json.loads(s) for s in (work / "train" / "metrics.jsonl").read_text().splitlines()]
-    losses = {r["step"]: r["loss"] for r in rows}
+    losses = {r["step"]: r["loss"] for r in rows if "loss" in r}   # not the eval/* rows
     steps = sorted(losses)
     k = max(len(steps) // 4, 1)
     first = float(np.mean([losses[s] for s in steps[:k]]))

@@ -15,7 +15,7 @@ after the last good checkpoint is saved (FloatingPointError).
 Config fields read here: seed, mesh, sharding.{trainable,frozen}, frozen_dtype, optim, ema_decay,
 grad_accum_steps, data.{source,data_dir,crop_size,global_batch_size,shuffle,
 worker_count,augment}, total_steps, log_every, checkpoint_every, keep_checkpoints,
-samples.every.
+samples.every, eval.every.
 """
 
 from __future__ import annotations
@@ -59,6 +59,9 @@ class Task:
     make_sampler(mesh, frozen_shardings) -> sample(step, trainable, frozen): optional;
       writes sample images; called by every process (it runs on the mesh).
     finish(state, step): optional; runs in every process after the last step (export).
+    make_evaluator(mesh, frozen_shardings) -> evaluate(step, trainable, frozen): optional;
+      scores held-out images, {metric: float}, every config.eval.every steps; logged as
+      "eval/<metric>" rows of metrics.jsonl and TensorBoard. Called by every process.
     """
 
     trainable: dict
@@ -66,6 +69,7 @@ class Task:
     loss_fn: Callable
     make_sampler: Callable | None = None
     finish: Callable | None = None
+    make_evaluator: Callable | None = None
     extra_inputs: dict = dataclasses.field(default_factory=dict)
 
 
@@ -257,6 +261,9 @@ def run(task: Task, config, workdir, *, devices=None, make_iterator=None) -> Tra
     sample_every = int(config.get("samples", {}).get("every", 0) or 0)
     sample = (task.make_sampler(mesh, frozen_sh)
               if sample_every and task.make_sampler is not None else None)
+    eval_every = int(config.get("eval", {}).get("every", 0) or 0)
+    evaluate = (task.make_evaluator(mesh, frozen_sh)
+                if eval_every and task.make_evaluator is not None else None)
 
     # ------------------------------------------------------------------ loop
     _barrier("compiled")
@@ -289,6 +296,13 @@ def run(task: Task, config, workdir, *, devices=None, make_iterator=None) -> Tra
                     log.image(step, name, image)
                 log.note(f"step {step}: sample images in {time.perf_counter() - t0:.1f} s")
                 last_log = (step, time.perf_counter())   # keep images/s about training
+            if evaluate is not None and step % eval_every == 0:
+                t0 = time.perf_counter()
+                scores = evaluate(step, state.params, frozen)
+                log.write(step, {f"eval/{k}": v for k, v in scores.items()})
+                shown = ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
+                log.note(f"step {step}: held-out {shown} in {time.perf_counter() - t0:.1f} s")
+                last_log = (step, time.perf_counter())
             if save:
                 ckpt.save(step, state, data.get_state(), config.to_dict())
             if stop:

@@ -16,6 +16,15 @@ prompts are computed once; each sample runs only the sampler (the inference pipe
 weights) with the current ControlNet and RCA blocks. Every process calls `sample`;
 process 0 writes DIR/samples/step_NNNNNNN.png, one row per photo: LR (nearest ×4) |
 SR | HR.
+
+    make = seesr_evaluator(config, nets, tags, tokenizer, scheduler_config)
+    evaluate = make(mesh, frozen_shardings)
+    scores = evaluate(step, state.params, frozen)  # every config.eval.every steps
+
+config.eval: the same fields as config.samples for its own held-out photos, plus
+metrics ("psnr,ssim,lpips"), metric_weights (a `jaxsr convert --metric` folder; metrics
+that need weights are left out without one), crop_border and y_channel; the mean score
+of each metric over the photos is logged by the training loop.
 """
 
 from __future__ import annotations
@@ -64,13 +73,13 @@ def comparison_strip(lr: np.ndarray, sr: np.ndarray, hr: np.ndarray) -> np.ndarr
     return np.concatenate([big, gap, sr, gap, hr], axis=1)
 
 
-def sample_photos(folder, count: int) -> list[Path]:
+def sample_photos(folder, count: int, field: str = "config.samples.source") -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"config.samples.source {folder} is not a folder of photos")
+        raise FileNotFoundError(f"{field} {folder} is not a folder of photos")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise FileNotFoundError(f"config.samples.source {folder} holds no images")
+        raise FileNotFoundError(f"{field} {folder} holds no images")
     return files[:count]
 
 
@@ -80,14 +89,31 @@ def _replicated(x: np.ndarray, sharding):
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
-def seesr_sampler(config, nets: SeeSRTrainNets, tags: list[str], tokenizer,
-                  scheduler_config: dict, workdir):
-    """The `make_sampler` of the SeeSR task (see the module docstring)."""
-    from jaxsr.data.image_io import load_image, save_image
+def held_out_key(config, section: str) -> tuple:
+    """What decides config.<section>'s held-out SR results: sections with equal keys
+    (the quickstart's samples and eval) share one restorer, one compile and one run
+    per step."""
+    cfg = config[section]
+    return (str(cfg.source), int(cfg.count), int(cfg.size), int(cfg.steps), int(cfg.seed))
 
-    cfg = config.samples
-    out_dir = Path(workdir) / "samples"
-    photos = sample_photos(cfg.source, int(cfg.count))
+
+def held_out_restorer(config, section: str, nets: SeeSRTrainNets, tags: list[str], tokenizer,
+                      scheduler_config: dict, shared: dict | None = None):
+    """(pairs, make): the held-out (LR, HR) pairs of config.<section> (source, count,
+    size, steps, seed) and make(mesh, frozen_shardings) -> run(step, trainable, frozen),
+    which super-resolves every LR with the weights being trained: uint8
+    [N, size, size, 3]. `make` builds once; `run` keeps the last step's result. With a
+    `shared` dict, sections with the same `held_out_key` get the same (pairs, make)."""
+    if shared is not None:
+        key = held_out_key(config, section)
+        if key not in shared:
+            shared[key] = held_out_restorer(config, section, nets, tags, tokenizer,
+                                            scheduler_config)
+        return shared[key]
+    from jaxsr.data.image_io import load_image
+
+    cfg = config[section]
+    photos = sample_photos(cfg.source, int(cfg.count), f"config.{section}.source")
     pairs = [held_out_pair(load_image(p), int(cfg.size), config.degradation, int(cfg.seed))
              for p in photos]
     lrs = np.stack([lr for lr, _ in pairs])
@@ -96,7 +122,14 @@ def seesr_sampler(config, nets: SeeSRTrainNets, tags: list[str], tokenizer,
     plan = make_sampler(options.sampler, scheduler_config, options.steps)
     restore_nets = Networks(unet=nets.unet, controlnet=nets.controlnet, vae=nets.vae)
 
+    built = {}
+
     def make(mesh, frozen_shardings):
+        if "run" not in built:
+            built["run"] = build(mesh)
+        return built["run"]
+
+    def build(mesh):
         rep = NamedSharding(mesh, P())
         tag_size = nets.dape.config.swin.img_size
         dape_in = _replicated(np.stack([dape_input(lr, tag_size) for lr in lrs]), rep)
@@ -125,8 +158,10 @@ def seesr_sampler(config, nets: SeeSRTrainNets, tags: list[str], tokenizer,
                 jnp.arange(len(lrs)))), rep)
         cache = {}
 
-        def sample(step: int, trainable, frozen) -> dict[str, np.ndarray]:
-            if not cache:   # the frozen networks' part, once
+        def run(step: int, trainable, frozen) -> np.ndarray:
+            if cache.get("step") == step:   # a second section at the same step
+                return cache["out"]
+            if "text" not in cache:   # the frozen networks' part, once
                 ram, logits = dape_fn(frozen["dape"], dape_in)
                 prompts = [options.positive_prompt(t) for t in
                            hard_prompt(np.asarray(logits), tags, nets.thresholds)]
@@ -137,6 +172,28 @@ def seesr_sampler(config, nets: SeeSRTrainNets, tags: list[str], tokenizer,
                 cache.update(ram=ram, text=text)
             out = np.asarray(compiled_restore(trainable, frozen, plan, control, cache["text"],
                                               cache["ram"], key_data))
+            cache.update(step=step, out=out)
+            return out
+
+        return run
+
+    return pairs, make
+
+
+def seesr_sampler(config, nets: SeeSRTrainNets, tags: list[str], tokenizer,
+                  scheduler_config: dict, workdir, shared: dict | None = None):
+    """The `make_sampler` of the SeeSR task (see the module docstring)."""
+    from jaxsr.data.image_io import save_image
+
+    out_dir = Path(workdir) / "samples"
+    pairs, make_run = held_out_restorer(config, "samples", nets, tags, tokenizer,
+                                        scheduler_config, shared)
+
+    def make(mesh, frozen_shardings):
+        run = make_run(mesh, frozen_shardings)
+
+        def sample(step: int, trainable, frozen) -> dict[str, np.ndarray]:
+            out = run(step, trainable, frozen)
             grid = np.concatenate([comparison_strip(lr, sr, hr)
                                    for (lr, hr), sr in zip(pairs, out)], axis=0)
             if jax.process_index() == 0:
@@ -145,5 +202,28 @@ def seesr_sampler(config, nets: SeeSRTrainNets, tags: list[str], tokenizer,
             return {"samples": grid}
 
         return sample
+
+    return make
+
+
+def seesr_evaluator(config, nets: SeeSRTrainNets, tags: list[str], tokenizer,
+                    scheduler_config: dict, note=print, shared: dict | None = None):
+    """The `make_evaluator` of the SeeSR task: config.eval's held-out photos (chosen and
+    degraded as the samples are), super-resolved and scored with config.eval.metrics
+    (jaxsr.metrics.registry.HeldOutMetrics) against their HR crops."""
+    from jaxsr.metrics.registry import HeldOutMetrics
+
+    cfg = config.eval
+    metrics = HeldOutMetrics([n for n in str(cfg.metrics).split(",") if n.strip()],
+                             cfg.get("metric_weights") or None,
+                             crop_border=int(cfg.get("crop_border", 0)),
+                             y_channel=bool(cfg.get("y_channel", False)), note=note)
+    pairs, make_run = held_out_restorer(config, "eval", nets, tags, tokenizer,
+                                        scheduler_config, shared)
+    hr = np.stack([hr for _, hr in pairs])
+
+    def make(mesh, frozen_shardings):
+        run = make_run(mesh, frozen_shardings)
+        return lambda step, trainable, frozen: metrics(run(step, trainable, frozen), hr)
 
     return make

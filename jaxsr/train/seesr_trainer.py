@@ -93,7 +93,8 @@ def degradation_fn(config):
 
 
 def seesr_task(config, workdir) -> Task:
-    """Weights, the trainable/frozen split, the loss and the sample writer of SeeSR."""
+    """Weights, the trainable/frozen split, the loss, the sample writer and the held-out
+    evaluation of SeeSR."""
     weights, tokenizer = load_weights(config)
     nets = build_networks(config, weights, tokenizer)
     trainable, frozen = split_params(config, weights)
@@ -103,14 +104,22 @@ def seesr_task(config, workdir) -> Task:
     def loss_fn(params, frozen, hr, keys):
         return seesr_loss(nets, params, frozen, hr, keys, degrade_fn, null_text_ratio), {}
 
+    # Samples and held-out evaluation of the same photos share one compiled restorer.
+    shared = {}
     make_sampler = None
     if config.get("samples", {}).get("every", 0):
         from jaxsr.train.seesr_samples import seesr_sampler
 
         make_sampler = seesr_sampler(config, nets, list(weights.tags), tokenizer,
-                                     weights.scheduler_config, workdir)
+                                     weights.scheduler_config, workdir, shared=shared)
+    make_evaluator = None
+    if config.get("eval", {}).get("every", 0):
+        from jaxsr.train.seesr_samples import seesr_evaluator
+
+        make_evaluator = seesr_evaluator(config, nets, list(weights.tags), tokenizer,
+                                         weights.scheduler_config, shared=shared)
     return Task(trainable=trainable, frozen=frozen, loss_fn=loss_fn,
-                make_sampler=make_sampler)
+                make_sampler=make_sampler, make_evaluator=make_evaluator)
 
 
 def train(config, workdir, *, devices=None, make_iterator=None) -> TrainResult:
