@@ -30,20 +30,11 @@ import re
 import numpy as np
 
 from jaxsr.convert.readers import read_state_dict
-from jaxsr.convert.tree import ConversionError, torch_to_flax
+from jaxsr.convert.tree import ConversionError, stored_shape, torch_to_flax
 from jaxsr.metrics.maniqa import ManiqaConfig, eval_shape_params
 from jaxsr.models.swin import relative_position_index, shifted_window_mask
 
 _SWIN = ("swintransformer1", "swintransformer2")
-
-
-def _shape(state, key, ndim, what):
-    if key not in state:
-        raise ConversionError(what, missing=[key])
-    shape = tuple(np.shape(state[key]))
-    if len(shape) != ndim:
-        raise ConversionError(what, mismatched=[f"{key}: {list(shape)} vs a {ndim}-d tensor"])
-    return shape
 
 
 def _count(state, pattern: str) -> int:
@@ -55,17 +46,17 @@ def _count(state, pattern: str) -> int:
 def infer_config(state, what: str, *, scale: float = 0.8, vit_heads: int = 12,
                  taps=(6, 7, 8, 9), test_sample: int = 20) -> ManiqaConfig:
     """The `ManiqaConfig` a state dict was saved from (sizes read from shapes)."""
-    dim = _shape(state, "vit.cls_token", 3, what)[2]
-    patch = _shape(state, "vit.patch_embed.proj.weight", 4, what)[2]
-    grid = math.isqrt(_shape(state, "vit.pos_embed", 3, what)[1] - 1)
-    classes = _shape(state, "vit.head.weight", 2, what)[0]
+    dim = stored_shape(state, "vit.cls_token", 3, what)[2]
+    patch = stored_shape(state, "vit.patch_embed.proj.weight", 4, what)[2]
+    grid = math.isqrt(stored_shape(state, "vit.pos_embed", 3, what)[1] - 1)
+    classes = stored_shape(state, "vit.head.weight", 2, what)[0]
     layers = _count(state, r"^swintransformer1\.layers\.(\d+)\.")
     depths = tuple(_count(state, rf"^swintransformer1\.layers\.{i}\.blocks\.(\d+)\.")
                    for i in range(layers))
-    tables = [_shape(state, f"swintransformer1.layers.{i}.blocks.0.attn."
+    tables = [stored_shape(state, f"swintransformer1.layers.{i}.blocks.0.attn."
                      "relative_position_bias_table", 2, what) for i in range(layers)]
     window = (math.isqrt(tables[0][0]) + 1) // 2 if tables else 1
-    dim_mlp = _shape(state, "swintransformer1.layers.0.blocks.0.mlp.fc1.weight", 2, what)[0]
+    dim_mlp = stored_shape(state, "swintransformer1.layers.0.blocks.0.mlp.fc1.weight", 2, what)[0]
     return ManiqaConfig(
         embed_dim=dim, patch_size=patch, img_size=grid * patch,
         vit_depth=_count(state, r"^vit\.blocks\.(\d+)\."), vit_heads=vit_heads,

@@ -24,36 +24,27 @@ import re
 import numpy as np
 
 from jaxsr.convert.readers import read_state_dict
-from jaxsr.convert.tree import ConversionError, torch_to_flax
+from jaxsr.convert.tree import ConversionError, stored_shape, torch_to_flax
 from jaxsr.metrics.musiq import STEM_WIDTH, MusiqConfig, eval_shape_params
 
 _BLOCK = re.compile(r"^transformer_encoder\.transformer\.encoderblock_(\d+)\.")
 _ENCODER = "transformer_encoder."
 
 
-def _shape(state, key, ndim, what):
-    if key not in state:
-        raise ConversionError(what, missing=[key])
-    shape = tuple(np.shape(state[key]))
-    if len(shape) != ndim:
-        raise ConversionError(what, mismatched=[f"{key}: {list(shape)} vs a {ndim}-d tensor"])
-    return shape
-
-
 def infer_config(state, what: str, *, num_heads: int = 6,
                  longer_side_lengths=(224, 384),
                  max_seq_len_from_original_res: int | None = -1) -> MusiqConfig:
     """The `MusiqConfig` a state dict was saved from (sizes read from shapes)."""
-    hidden, flat = _shape(state, "embedding.weight", 2, what)
+    hidden, flat = stored_shape(state, "embedding.weight", 2, what)
     patch = 4 * math.isqrt(flat // (4 * STEM_WIDTH))
     layers = 1 + max((int(m.group(1)) for k in state if (m := _BLOCK.match(k))), default=-1)
     block = _ENCODER + "transformer.encoderblock_0.mlp.fc1.weight"
-    mlp = _shape(state, block, 2, what)[0] if layers else 1
-    num_scales = _shape(state, _ENCODER + "scaleembed_input.scale_emb", 2, what)[0]
-    grid = math.isqrt(_shape(state, _ENCODER + "posembed_input.position_emb", 3, what)[1])
+    mlp = stored_shape(state, block, 2, what)[0] if layers else 1
+    num_scales = stored_shape(state, _ENCODER + "scaleembed_input.scale_emb", 2, what)[0]
+    grid = math.isqrt(stored_shape(state, _ENCODER + "posembed_input.position_emb", 3, what)[1])
     ten = "head.0.weight" in state
-    num_class = _shape(state, "head.0.weight" if ten else "head.weight", 2, what)[0]
-    pos_rows = _shape(state, _ENCODER + "posembed_input.position_emb", 3, what)[1]
+    num_class = stored_shape(state, "head.0.weight" if ten else "head.weight", 2, what)[0]
+    pos_rows = stored_shape(state, _ENCODER + "posembed_input.position_emb", 3, what)[1]
     odd = []
     if patch < 4 or flat != 4 * STEM_WIDTH * (patch // 4) ** 2:
         odd.append(f"embedding.weight: {[hidden, flat]} vs [D, 256 (P/4)^2]")

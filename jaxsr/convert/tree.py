@@ -166,3 +166,14 @@ def flax_to_torch(params) -> dict[str, np.ndarray]:
         key = path_to_torch_key(path[:-1]) + "." + _torch_leaf_name(path[-1])
         out[key] = np.asarray(_to_torch_layout(path[-1], np.asarray(value)), order="C")
     return out
+
+
+def stored_shape(state, key: str, ndim: int, what: str) -> tuple[int, ...]:
+    """The shape of `state[key]`, a tensor the converters read a network's sizes from;
+    ConversionError (naming the key) when it is missing or has another rank."""
+    if key not in state:
+        raise ConversionError(what, missing=[key])
+    shape = tuple(np.shape(state[key]))
+    if len(shape) != ndim:
+        raise ConversionError(what, mismatched=[f"{key}: {list(shape)} vs a {ndim}-d tensor"])
+    return shape

@@ -32,6 +32,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxsr.nn.layers import EvalBatchNorm
+
 _PRECISION = jax.lax.Precision.HIGHEST
 _BN_EPS = 1e-5
 _EXPANSION = 4          # a bottleneck's output has 4x its inner width
@@ -76,19 +78,9 @@ class ModifiedResNetConfig:
 RN50 = ModifiedResNetConfig()
 
 
-class FrozenBatchNorm(nn.Module):
-    """BatchNorm2d in eval mode, torch's four tensors as params: [..., C] -> [..., C]."""
-
-    features: int
-
-    @nn.compact
-    def __call__(self, x):
-        c = (self.features,)
-        scale = self.param("scale", nn.initializers.ones, c)
-        bias = self.param("bias", nn.initializers.zeros, c)
-        mean = self.param("running_mean", nn.initializers.zeros, c)
-        var = self.param("running_var", nn.initializers.ones, c)
-        return (x - mean) * (scale * jax.lax.rsqrt(var + _BN_EPS)) + bias
+def _batch_norm(features: int, name: str) -> EvalBatchNorm:
+    """Torch's BatchNorm2d in eval mode with this network's eps."""
+    return EvalBatchNorm(features, _BN_EPS, name=name)
 
 
 def _conv(features: int, kernel: int, name: str) -> nn.Conv:
@@ -116,17 +108,17 @@ class Bottleneck(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        out = nn.relu(FrozenBatchNorm(self.planes, name="bn1")(
+        out = nn.relu(_batch_norm(self.planes, name="bn1")(
             _conv(self.planes, 1, "conv1")(x)))
-        out = nn.relu(FrozenBatchNorm(self.planes, name="bn2")(
+        out = nn.relu(_batch_norm(self.planes, name="bn2")(
             _conv(self.planes, 3, "conv2")(out)))
         out = avg_pool(out, self.stride)
         width = self.planes * _EXPANSION
-        out = FrozenBatchNorm(width, name="bn3")(_conv(width, 1, "conv3")(out))
+        out = _batch_norm(width, name="bn3")(_conv(width, 1, "conv3")(out))
         if self.stride > 1 or x.shape[-1] != width:
             # torch's `downsample` Sequential: "-1" the avg pool (no params), "0" conv, "1" BN
             x = avg_pool(x, self.stride)
-            x = FrozenBatchNorm(width, name="downsample_1")(_conv(width, 1, "downsample_0")(x))
+            x = _batch_norm(width, name="downsample_1")(_conv(width, 1, "downsample_0")(x))
         return nn.relu(out + x)
 
 
@@ -172,7 +164,7 @@ class ModifiedResNet(nn.Module):
         for i, (features, stride) in enumerate(stem, start=1):
             x = nn.Conv(features, (3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)),
                         use_bias=False, precision=_PRECISION, name=f"conv{i}")(x)
-            x = nn.relu(FrozenBatchNorm(features, name=f"bn{i}")(x))
+            x = nn.relu(_batch_norm(features, name=f"bn{i}")(x))
         x = avg_pool(x, 2)
         for stage, blocks in enumerate(cfg.layers):
             planes = cfg.width * 2 ** stage

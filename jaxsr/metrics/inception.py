@@ -20,29 +20,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxsr.nn.layers import EvalBatchNorm
+
 _BN_EPS = 1e-3  # torchvision's BasicConv2d
 # Features must not depend on the backend's reduced-precision convolution default
 # (TF32/bfloat16 passes on GPU/TPU); FID compares them across runs and machines.
 _PRECISION = jax.lax.Precision.HIGHEST
 
 
-class FrozenBatchNorm(nn.Module):
-    """BatchNorm2d in eval mode; the four tensors are params named as torch's buffers
-    and weights (`weight` -> `scale`), so conversion needs no special case.
-
-    x: [..., C] -> [..., C].
-    """
-
-    features: int
-
-    @nn.compact
-    def __call__(self, x):
-        c = (self.features,)
-        scale = self.param("scale", nn.initializers.ones, c)
-        bias = self.param("bias", nn.initializers.zeros, c)
-        mean = self.param("running_mean", nn.initializers.zeros, c)
-        var = self.param("running_var", nn.initializers.ones, c)
-        return (x - mean) * (scale * jax.lax.rsqrt(var + _BN_EPS)) + bias
+def _batch_norm(features: int, name: str) -> EvalBatchNorm:
+    """Torch's BatchNorm2d in eval mode with this network's eps."""
+    return EvalBatchNorm(features, _BN_EPS, name=name)
 
 
 class BasicConv2d(nn.Module):
@@ -63,7 +51,7 @@ class BasicConv2d(nn.Module):
         x = nn.Conv(self.features, self.kernel, strides=self.stride,
                     padding=((ph, ph), (pw, pw)), use_bias=False, precision=_PRECISION,
                     name="conv")(x)
-        return nn.relu(FrozenBatchNorm(self.features, name="bn")(x))
+        return nn.relu(_batch_norm(self.features, name="bn")(x))
 
 
 def _avg_pool_3x3(x):

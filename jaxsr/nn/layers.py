@@ -67,3 +67,22 @@ def conv(features: int, name: str, *, kernel: int = 3, stride: int = 1, padding=
         op = functools.partial(jax.lax.conv_general_dilated, preferred_element_type=out_dtype)
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=pad,
                    use_bias=use_bias, dtype=dtype, name=name, conv_general_dilated=op)
+
+
+class EvalBatchNorm(nn.Module):
+    """BatchNorm2d in evaluation mode: (x - running_mean) * scale / sqrt(running_var +
+    eps) + bias over the last axis, [..., C] -> [..., C]. The four tensors are params
+    named after torch's weight (`scale`), bias and buffers, so the metrics' backbones
+    (Inception, CLIP's ResNet) convert with the project's one naming rule."""
+
+    features: int
+    eps: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x):
+        c = (self.features,)
+        scale = self.param("scale", nn.initializers.ones, c)
+        bias = self.param("bias", nn.initializers.zeros, c)
+        mean = self.param("running_mean", nn.initializers.zeros, c)
+        var = self.param("running_var", nn.initializers.ones, c)
+        return (x - mean) * (scale * jax.lax.rsqrt(var + self.eps)) + bias
