@@ -294,8 +294,10 @@ def bench(name: str, x: Inputs, sr_d, hr_d, batch: int, repeats: int) -> dict:
     ours_first, got = first_call(ours)
     theirs_first, want = first_call(pair.theirs)
     # Both sides must compute the same thing for the rates to compare; relative to the
-    # largest reference value, as random networks can score near zero.
-    diff = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+    # largest reference value, as random networks can score near zero (and absolute
+    # when every reference score is 0, as a random MANIQA's can be).
+    gap, scale = float(np.max(np.abs(got - want))), float(np.max(np.abs(want)))
+    diff = gap / scale if scale > 0 else gap
     times = time_alternating({"jaxsr": ours, "reference": pair.theirs}, warmup=0,
                              repeats=repeats)
     j, r = summarize(times["jaxsr"]), summarize(times["reference"])
