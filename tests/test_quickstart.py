@@ -29,6 +29,9 @@ def test_quickstart_trains_and_super_resolves(tmp_path):
     assert report["train_steps"] == 20
     assert report["loss_last_quarter"] < report["loss_first_quarter"]
     assert np.isfinite(report["psnr"]) and -1 <= report["ssim"] <= 1
+    # Without --metric-weights LPIPS is left out, and metrics.json says why.
+    assert "lpips" not in report
+    assert any("lpips" in n and "jaxsr convert --metric lpips" in n for n in report["notes"])
     strip = np.asarray(Image.open(work / "comparison.png"))
     assert strip.shape == (128, 3 * 128 + 8, 3)          # LR×4 | SR | HR
     # Sample images written during training (half-way and at the end): the held-out
