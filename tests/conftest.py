@@ -4,7 +4,10 @@
   backend's reduced-precision defaults;
 - 8 host CPU devices, so sharding code runs on a real multi-device mesh in-process
   (single-device tests simply use device 0);
-- no TPU backend start where libtpu is installed but the host has no TPU.
+- jaxsr's default XLA flags (`jaxsr.platform`: YNNPACK for the dots, the
+  memory-saving scheduler), so every parity test checks the programs as the command
+  line compiles them, and no TPU backend start where libtpu is installed but the
+  host has no TPU.
 """
 
 import gc
@@ -12,9 +15,9 @@ import gc
 import jax
 import pytest
 
-from jaxsr.platform import quiet_absent_tpu
+from jaxsr.platform import configure_xla_defaults
 
-quiet_absent_tpu()      # libtpu (the tpu extra) on a host without TPU chips
+configure_xla_defaults()    # before any backend starts; also quiets an absent TPU
 jax.config.update("jax_default_matmul_precision", "highest")
 jax.config.update("jax_num_cpu_devices", 8)
 
