@@ -23,7 +23,14 @@ from flax import traverse_util
 from jaxsr.convert.cache import load_converted, save_converted
 from jaxsr.convert.metric_maniqa import convert
 from jaxsr.convert.tree import ConversionError
-from jaxsr.metrics.maniqa import ManiqaConfig, crops, maniqa, maniqa_program, uniform_offsets
+from jaxsr.metrics.maniqa import (
+    ManiqaConfig,
+    crops,
+    images_per_step,
+    maniqa,
+    maniqa_program,
+    uniform_offsets,
+)
 from tests.maniqa_reference import MANIQA as TorchMANIQA
 from tests.maniqa_reference import uniform_crop
 from tests.parity import FAST_COMPILE, nchw_to_nhwc, nhwc_to_nchw, rel_err
@@ -105,6 +112,23 @@ def test_crop_sized_image_matches_reference(tiny):
     model, _, (config, params) = tiny
     images = _photos(64, 64)
     _check_scores(_fast_maniqa(params, images, config), _torch_scores(model, images))
+
+
+def test_images_share_a_step_when_their_crops_are_few(tiny):
+    """With 3 crops per image, two images go through the network together
+    (`images_per_step`: at most CROPS_PER_STEP = 8 crops a step); each image's score is
+    still its own crops' weighted mean. Four images: two steps of two."""
+    model, _, (config, params) = tiny
+    assert [images_per_step(4, k) for k in (1, 3, 5, 20)] == [4, 2, 1, 1]
+    assert images_per_step(6, 3) == 2 and images_per_step(3, 2) == 3
+    images = np.concatenate([_photos(100, 130), _photos(100, 130)[:1, :, ::-1]])
+    few = dict(config, test_sample=3)
+    model.test_sample = 3
+    try:
+        want = _torch_scores(model, images)
+    finally:
+        model.test_sample = TINY.get("test_sample", 20)
+    _check_scores(_fast_maniqa(params, images, few), want)
 
 
 @pytest.mark.parametrize("size", [(50, 97), (100, 130), (64, 64)])
