@@ -37,6 +37,7 @@ depend on the values). `max_diff_rel` is the largest difference of the two sides
 (FID: features) over the largest reference value: they compute the same thing. PSNR,
 SSIM and NIQE use crop_border 4, PSNR/SSIM on the Y channel.
 
+XLA runs with jaxsr's default flags (`jaxsr.platform`), as the command line sets them.
 Timed runs alternate (`time_alternating`), so a slow spell of a shared machine falls on
 both sides. PyTorch keeps its default thread count (one per core) unless
 `--torch-threads` says otherwise; the count is recorded in the JSON's environment. XLA's
@@ -328,6 +329,9 @@ def main() -> None:
     unknown = [n for n in names if n not in BUILDERS]
     if unknown:
         raise SystemExit(f"no benchmark for metric(s) {unknown}; known: {', '.join(BUILDERS)}")
+    from jaxsr.platform import configure_xla_defaults
+
+    configure_xla_defaults()        # XLA's settings as `jaxsr eval` runs with them
     env = environment()
     import jax
     import torch
