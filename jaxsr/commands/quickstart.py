@@ -66,7 +66,7 @@ def run(args) -> int:
     from jaxsr.pipelines.seesr import SeeSROptions, SeeSRPipeline
     from jaxsr.train.config_file import apply_override
     from jaxsr.train.export import export_seesr
-    from jaxsr.train.seesr_samples import comparison_strip, held_out_pair
+    from jaxsr.train.held_out import comparison_strip, held_out_pair
     from jaxsr.train.seesr_trainer import train
 
     started = time.monotonic()

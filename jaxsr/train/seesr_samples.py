@@ -4,12 +4,8 @@
     sample = make(mesh, frozen_shardings)        # once, after the train step compiled
     images = sample(step, state.params, frozen)   # every config.samples.every steps
 
-config.samples: every (steps; 0 = never), source (a folder of clean photos; required
-when every > 0), count (photos used, sorted by name), size (centre crop of each
-photo, the HR side), steps (denoising steps), seed.
-
-Each photo is centre-cropped and degraded once with the training degradation and a
-fixed key (`held_out_pair`), so every sample compares the same inputs. The frozen
+config.samples: every (steps; 0 = never), source, count, size, seed
+(`jaxsr.train.held_out`), and steps (denoising steps). The frozen
 networks (DAPE, text encoder) do not change during training, so the prompts and soft
 prompts are computed once; each sample runs only the sampler (the inference pipeline's
 `restore`, on the training mesh with the sharded params: no second copy of the
@@ -21,10 +17,9 @@ SR | HR.
     evaluate = make(mesh, frozen_shardings)
     scores = evaluate(step, state.params, frozen)  # every config.eval.every steps
 
-config.eval: the same fields as config.samples for its own held-out photos, plus
-metrics ("psnr,ssim,lpips"), metric_weights (a `jaxsr convert --metric` folder; metrics
-that need weights are left out without one), crop_border and y_channel; the mean score
-of each metric over the photos is logged by the training loop.
+config.eval: the same fields as config.samples for its own held-out photos, plus the
+metric fields of `jaxsr.train.held_out`; the mean score of each metric over the photos
+is logged by the training loop.
 """
 
 from __future__ import annotations
@@ -43,50 +38,13 @@ from jaxsr.models.tags import hard_prompt
 from jaxsr.models.tokenizer import tokenize
 from jaxsr.pipelines.seesr import SeeSROptions, dape_input, sampling_settings
 from jaxsr.pipelines.seesr_sampling import Networks, restore
+from jaxsr.train.held_out import (
+    comparison_strip,
+    held_out_metrics,
+    held_out_pairs,
+    replicated,
+)
 from jaxsr.train.seesr_objective import SeeSRTrainNets, join_unet
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
-
-
-def held_out_pair(image: np.ndarray, size: int, preset: str, seed: int):
-    """(LR uint8 [size/4]², HR uint8 [size]²): a centre crop of `image` and its degraded
-    version, drawn with the training degradation from a fixed key."""
-    from jaxsr.data.degrade import degrade_batch, preset_by_name
-
-    h, w = image.shape[:2]
-    if min(h, w) < size:
-        raise ValueError(f"held-out image {w}x{h} is smaller than {size}")
-    top, left = (h - size) // 2, (w - size) // 2
-    hr = image[top:top + size, left:left + size]
-    keys = jax.random.split(jax.random.key(seed), 1)   # [1] typed keys
-    lr, _ = degrade_batch(keys, jnp.asarray(hr[None], jnp.float32) / 255.0,
-                          preset_by_name(preset))
-    lr = np.asarray(jnp.round(jnp.clip(lr[0], 0, 1) * 255)).astype(np.uint8)
-    return lr, hr
-
-
-def comparison_strip(lr: np.ndarray, sr: np.ndarray, hr: np.ndarray) -> np.ndarray:
-    """LR (nearest ×4) | SR | HR, with 4-pixel white gaps: uint8 [H, 3W + 8, 3]."""
-    scale = hr.shape[0] // lr.shape[0]
-    big = np.repeat(np.repeat(lr, scale, 0), scale, 1)
-    gap = np.full((hr.shape[0], 4, 3), 255, np.uint8)
-    return np.concatenate([big, gap, sr, gap, hr], axis=1)
-
-
-def sample_photos(folder, count: int, field: str = "config.samples.source") -> list[Path]:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{field} {folder} is not a folder of photos")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise FileNotFoundError(f"{field} {folder} holds no images")
-    return files[:count]
-
-
-def _replicated(x: np.ndarray, sharding):
-    """A host array (equal in every process) as a global array replicated on the mesh."""
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
 def held_out_key(config, section: str) -> tuple:
@@ -110,12 +68,8 @@ def held_out_restorer(config, section: str, nets: SeeSRTrainNets, tags: list[str
             shared[key] = held_out_restorer(config, section, nets, tags, tokenizer,
                                             scheduler_config)
         return shared[key]
-    from jaxsr.data.image_io import load_image
-
     cfg = config[section]
-    photos = sample_photos(cfg.source, int(cfg.count), f"config.{section}.source")
-    pairs = [held_out_pair(load_image(p), int(cfg.size), config.degradation, int(cfg.seed))
-             for p in photos]
+    pairs = held_out_pairs(config, section)
     lrs = np.stack([lr for lr, _ in pairs])
     options = SeeSROptions(steps=int(cfg.steps), process_size=int(cfg.size))
     settings = sampling_settings(options, nets.alphas_cumprod)
@@ -132,14 +86,14 @@ def held_out_restorer(config, section: str, nets: SeeSRTrainNets, tags: list[str
     def build(mesh):
         rep = NamedSharding(mesh, P())
         tag_size = nets.dape.config.swin.img_size
-        dape_in = _replicated(np.stack([dape_input(lr, tag_size) for lr in lrs]), rep)
+        dape_in = replicated(np.stack([dape_input(lr, tag_size) for lr in lrs]), rep)
         dape_fn = jax.jit(lambda p, x: nets.dape.apply({"params": p}, x), out_shardings=rep)
 
         text_fn = jax.jit(lambda p, ids: nets.text_encoder.apply({"params": p}, ids),
                           out_shardings=rep)
 
         def encode(frozen, prompts):
-            return text_fn(frozen["text_encoder"], _replicated(tokenize(tokenizer, prompts), rep))
+            return text_fn(frozen["text_encoder"], replicated(tokenize(tokenizer, prompts), rep))
 
         def restore_fn(trainable, frozen, plan, control, text, ram, key_data):
             keys = jax.random.wrap_key_data(key_data)
@@ -151,9 +105,9 @@ def held_out_restorer(config, section: str, nets: SeeSRTrainNets, tags: list[str
         compiled_restore = jax.jit(restore_fn, out_shardings=rep)
         control = np.stack([seesr_upscale_input(lr, options.upscale, options.process_size)
                             for lr in lrs]).astype(np.float32) / np.float32(255.0)
-        control = _replicated(control, rep)
+        control = replicated(control, rep)
         # Image i's draws come from fold_in(key(seed), i), as in SeeSRPipeline.upscale.
-        key_data = _replicated(jax.random.key_data(jax.vmap(
+        key_data = replicated(jax.random.key_data(jax.vmap(
             lambda i: jax.random.fold_in(jax.random.key(int(cfg.seed)), i))(
                 jnp.arange(len(lrs)))), rep)
         cache = {}
@@ -211,13 +165,7 @@ def seesr_evaluator(config, nets: SeeSRTrainNets, tags: list[str], tokenizer,
     """The `make_evaluator` of the SeeSR task: config.eval's held-out photos (chosen and
     degraded as the samples are), super-resolved and scored with config.eval.metrics
     (jaxsr.metrics.registry.HeldOutMetrics) against their HR crops."""
-    from jaxsr.metrics.registry import HeldOutMetrics
-
-    cfg = config.eval
-    metrics = HeldOutMetrics([n for n in str(cfg.metrics).split(",") if n.strip()],
-                             cfg.get("metric_weights") or None,
-                             crop_border=int(cfg.get("crop_border", 0)),
-                             y_channel=bool(cfg.get("y_channel", False)), note=note)
+    metrics = held_out_metrics(config, note)
     pairs, make_run = held_out_restorer(config, "eval", nets, tags, tokenizer,
                                         scheduler_config, shared)
     hr = np.stack([hr for _, hr in pairs])
