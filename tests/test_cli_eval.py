@@ -191,6 +191,64 @@ def test_convert_metric_then_eval_lpips(folders, capsys, tmp_path):
         assert rows[stem]["lpips"] == pytest.approx(want, rel=1e-4), stem
 
 
+def test_convert_and_eval_fid_against_a_folder_and_saved_statistics(folders, capsys,
+                                                                     tmp_path):
+    """`jaxsr convert --metric fid` on a pytorch-fid Inception file (random weights),
+    then `jaxsr eval --metrics fid` of the SR folder against the HR folder and against
+    the HR statistics saved as pytorch-fid's .npz: both equal the Frechet distance of
+    the library's pool3 features of the scored pairs."""
+    from jaxsr.metrics.fid import feature_statistics, frechet_distance, inception_features
+    from jaxsr.metrics.registry import load_metric_weights
+    from tests import fid_reference
+    from tests.test_metric_fid import RELEASE_NAME
+
+    torch.manual_seed(0)
+    model = fid_reference.FIDInception().eval()
+    fid_reference.randomize(model, seed=2)
+    release = tmp_path / RELEASE_NAME
+    torch.save(model.state_dict(), release)
+    weights = tmp_path / "metric_weights"
+    assert main(["convert", "--metric", "fid", "--from", str(release),
+                 "--output", str(weights)]) == 0
+    capsys.readouterr()
+
+    code, out, err = _eval(capsys, folders / "sr", "--reference", folders / "hr",
+                           "--metrics", "fid", "--metric-weights", weights,
+                           "--output", tmp_path / "folder")
+    assert code == EXIT_SKIPPED, err                 # the fixture's three bad files
+    assert out.splitlines()[0].split() == ["images", "FID↓"]
+    fid_folder = json.loads((tmp_path / "folder" / "summary.json").read_text())
+    fid_folder = fid_folder["metrics"]["fid"]["mean"]
+
+    _, params = load_metric_weights(weights, "fid")
+    pairs = [_pair(folders, stem) for stem in sorted(PHOTOS)]
+    feats = {side: np.concatenate([np.asarray(inception_features(
+        params, img[None].astype(np.float32) / 255)) for img in imgs])
+        for side, imgs in (("sr", [p[0] for p in pairs]), ("hr", [p[1] for p in pairs]))}
+    mu, sigma = feature_statistics(feats["hr"])
+    # pytorch-fid's formula on the library's features. Three images a side leave
+    # both covariances of rank 2 in 2048 dimensions; the matrix square root of such a
+    # product is only good to ~1e-4 relative (the span-exact value,
+    # `subspace_statistics`, is 1.5e-4 away on both sides), so the two runs of the same
+    # formula are compared, the features being equal to ~1e-7.
+    want = float(fid_reference.frechet_distance(*feature_statistics(feats["sr"]), mu, sigma))
+    exact = frechet_distance(*fid_reference.subspace_statistics(
+        feats["sr"].astype(np.float64), feats["hr"].astype(np.float64)))
+    print(f"fid: jaxsr eval {fid_folder:.6f}, pytorch-fid's formula {want:.6f}, "
+          f"span-exact {exact:.6f}")
+    assert want > 0 and abs(fid_folder - want) <= 1e-5 * want
+    assert abs(fid_folder - exact) <= 1e-3 * exact
+
+    np.savez(tmp_path / "hr_stats.npz", mu=mu, sigma=sigma)
+    code, _, err = _eval(capsys, folders / "clean", "--metrics", "fid", "--fid-reference",
+                         tmp_path / "hr_stats.npz", "--metric-weights", weights,
+                         "--output", tmp_path / "stats")
+    assert code == 0, err
+    summary = json.loads((tmp_path / "stats" / "summary.json").read_text())
+    assert summary["options"]["fid_reference"] == str(tmp_path / "hr_stats.npz")
+    assert summary["metrics"]["fid"]["mean"] == pytest.approx(fid_folder, rel=1e-5)
+
+
 @pytest.mark.parametrize("argv,message", [
     ([], "--sd is required (or --metric NAME --from FILE"),
     (["--metric", "lpips"], "--metric lpips needs --from FILE"),
