@@ -115,4 +115,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.log_every = 1 if tiny else 50
     config.checkpoint_every = 4 if tiny else (750 if stage == 1 else 1200)
     config.keep_checkpoints = 3
+    if stage == 2:
+        # Score SR results of held-out photos (a folder of clean images, centre crops of
+        # `size`, degraded once with a fixed key) every `every` steps with `metrics`
+        # (jaxsr eval's names), sampled as `jaxsr sr` does with the weights being
+        # trained (jaxsr/train/coser_samples.py); logged as eval/<metric> in
+        # metrics.jsonl and TensorBoard; 0 turns it off. Metrics with weights (lpips)
+        # read them from `metric_weights` (`jaxsr convert --metric` output) and are
+        # left out when it is empty.
+        config.eval = dict(every=0, source="", count=2, size=64 if tiny else 512,
+                           steps=4 if tiny else 50, seed=0, metrics="psnr,ssim,lpips",
+                           metric_weights="", crop_border=0, y_channel=False)
     return config

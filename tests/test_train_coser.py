@@ -524,3 +524,38 @@ def test_stage2_trains_resumes_and_exports(photos, tmp_path, capsys):
     [sr], [ref] = pipe.upscale([lr], options=CoSeROptions(steps=2), return_references=True)
     assert sr.shape == ref.shape == (64, 64, 3)
 
+
+
+def test_stage2_logs_held_out_metrics_of_the_weights_it_exports(photos, tmp_path):
+    """Two steps with config.eval every 2: metrics.jsonl holds eval/psnr and eval/ssim at
+    step 2, and they are the scores `jaxsr sr`'s pipeline gets from the weights exported
+    at that step (float32, plain VAE decoder, the eval's steps and seed) on the same
+    degraded held-out photos: the evaluator samples with the weights being trained."""
+    from jaxsr.metrics.registry import HeldOutMetrics
+    from jaxsr.pipelines.coser import CoSeROptions, CoSeRPipeline
+    from jaxsr.train.coser_trainer import STAGE2_FOLDER, train
+    from jaxsr.train.held_out import held_out_pairs
+
+    _, folder = photos
+    _manifest(folder)
+    config = _tiny("stage2_tiny", tmp_path, folder / "train.jsonl", total_steps=2,
+                   checkpoint_every=2)
+    config.eval.update(every=2, source=str(folder), count=2, steps=2, seed=5,
+                       metrics="psnr,ssim")
+    workdir = tmp_path / "run"
+    result = train(config, workdir, devices=jax.devices()[:2])
+    assert result.status == 0
+    rows = [json.loads(s) for s in (workdir / "metrics.jsonl").read_text().splitlines()]
+    held = [r for r in rows if "eval/psnr" in r]
+    assert [r["step"] for r in held] == [2] and "eval/ssim" in held[0]
+
+    pairs = held_out_pairs(config, "eval")
+    assert len(pairs) == 2 and pairs[0][0].shape == (16, 16, 3)
+    pipe = CoSeRPipeline.from_pretrained(workdir / STAGE2_FOLDER, dtype="float32",
+                                         devices=jax.devices()[:1])
+    sr = pipe.upscale([lr for lr, _ in pairs], options=CoSeROptions(steps=2, decoder="vae"),
+                      seed=5)
+    want = HeldOutMetrics(["psnr", "ssim"])(np.stack(sr), np.stack([hr for _, hr in pairs]))
+    print("held-out scores:", {k: held[0][f"eval/{k}"] for k in want}, "pipeline:", want)
+    for name, value in want.items():
+        assert abs(held[0][f"eval/{name}"] - value) <= 1e-5 * abs(value), name

@@ -8,7 +8,8 @@ leave: stage 1 writes WORKDIR/coser_stage1.safetensors, the SRResNet and the who
 Q-Former under CoSeR's names (`pre_sr_model.*`, `global_adapter.*`), which stage 2
 reads as `init.cognitive` (as it reads the released Q-Former checkpoint); stage 2
 writes WORKDIR/coser_weights/, a folder `jaxsr sr` and CoSeRPipeline load (the
-format of `jaxsr convert --coser`). `jaxsr.train.loop.run`
+format of `jaxsr convert --coser`), and scores held-out photos every config.eval.every
+steps (jaxsr/train/coser_samples.py). `jaxsr.train.loop.run`
 is the loop.
 
 Weights (config.init):
@@ -308,7 +309,13 @@ def stage2_task(config, workdir, weights: StageWeights, degrade_fn, sharpen_refe
             print(f"wrote the trained CoSeR weights to {out} (jaxsr sr --weights {out})",
                   flush=True)
 
+    make_evaluator = None
+    if config.get("eval", {}).get("every", 0):
+        from jaxsr.train.coser_samples import coser_evaluator
+
+        make_evaluator = coser_evaluator(config, nets, weights.tokenizer)
     return Task(trainable=trainable, frozen=frozen, loss_fn=loss_fn, finish=finish,
+                make_evaluator=make_evaluator,
                 extra_inputs={"ids": ((77,), jnp.int32), "ref": ((s, s, 3), jnp.uint8)})
 
 
