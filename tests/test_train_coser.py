@@ -526,11 +526,14 @@ def test_stage2_trains_resumes_and_exports(photos, tmp_path, capsys):
 
 
 
+@pytest.mark.slow
 def test_stage2_logs_held_out_metrics_of_the_weights_it_exports(photos, tmp_path):
     """Two steps with config.eval every 2: metrics.jsonl holds eval/psnr and eval/ssim at
     step 2, and they are the scores `jaxsr sr`'s pipeline gets from the weights exported
     at that step (float32, plain VAE decoder, the eval's steps and seed) on the same
-    degraded held-out photos: the evaluator samples with the weights being trained."""
+    degraded held-out photos: the evaluator samples with the weights being trained.
+    About 4 minutes (it compiles the train step); the default suite runs the
+    evaluator alone (the next test)."""
     from jaxsr.metrics.registry import HeldOutMetrics
     from jaxsr.pipelines.coser import CoSeROptions, CoSeRPipeline
     from jaxsr.train.coser_trainer import STAGE2_FOLDER, train
@@ -559,3 +562,43 @@ def test_stage2_logs_held_out_metrics_of_the_weights_it_exports(photos, tmp_path
     print("held-out scores:", {k: held[0][f"eval/{k}"] for k in want}, "pipeline:", want)
     for name, value in want.items():
         assert abs(held[0][f"eval/{name}"] - value) <= 1e-5 * abs(value), name
+
+
+def test_stage2_evaluator_scores_what_the_pipeline_gives_the_same_weights(photos, tmp_path):
+    """The stage-2 Task's evaluator (config.eval: two photos, 2 steps, seed 5, psnr and
+    ssim) on the initial weights, on a 2-device mesh, against CoSeRPipeline on the folder
+    the Task's `finish` exports from the same weights: the same scores, so the evaluator
+    samples as `jaxsr sr` does with the weights it is given. The loop's call every
+    eval.every steps and the eval/<metric> rows are shared with SeeSR (its quickstart
+    test) and checked for CoSeR by the slow test above."""
+    from types import SimpleNamespace
+
+    from jax.sharding import Mesh
+
+    from jaxsr.metrics.registry import HeldOutMetrics
+    from jaxsr.pipelines.coser import CoSeROptions, CoSeRPipeline
+    from jaxsr.train.coser_trainer import STAGE2_FOLDER, coser_task
+    from jaxsr.train.held_out import held_out_pairs
+
+    _, folder = photos
+    _manifest(folder)
+    config = _tiny("stage2_tiny", tmp_path, folder / "train.jsonl")
+    config.eval.update(every=2, source=str(folder), count=2, steps=2, seed=5,
+                       metrics="psnr,ssim")
+    workdir = tmp_path / "run"
+    task, _ = coser_task(config, workdir)
+    evaluate = task.make_evaluator(Mesh(np.array(jax.devices()[:2]), ("data",)), None)
+    got = evaluate(0, task.trainable, task.frozen)
+    assert set(got) == {"psnr", "ssim"}
+
+    task.finish(SimpleNamespace(params=task.trainable), 0)
+    pairs = held_out_pairs(config, "eval")
+    assert len(pairs) == 2 and pairs[0][0].shape == (16, 16, 3)
+    pipe = CoSeRPipeline.from_pretrained(workdir / STAGE2_FOLDER, dtype="float32",
+                                         devices=jax.devices()[:1])
+    sr = pipe.upscale([lr for lr, _ in pairs], options=CoSeROptions(steps=2, decoder="vae"),
+                      seed=5)
+    want = HeldOutMetrics(["psnr", "ssim"])(np.stack(sr), np.stack([hr for _, hr in pairs]))
+    print("held-out scores:", got, "pipeline:", want)
+    for name, value in want.items():
+        assert abs(got[name] - value) <= 1e-5 * abs(value), name
