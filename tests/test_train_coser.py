@@ -525,6 +525,23 @@ def test_stage2_trains_resumes_and_exports(photos, tmp_path, capsys):
     assert sr.shape == ref.shape == (64, 64, 3)
 
 
+def _pipeline_scores(config, workdir) -> dict[str, float]:
+    """Mean PSNR and SSIM of config.eval's held-out pairs super-resolved by
+    CoSeRPipeline from WORKDIR's exported folder, as the evaluator is configured
+    (float32, plain VAE decoder, eval.steps, every image from key(eval.seed))."""
+    from jaxsr.metrics.registry import HeldOutMetrics
+    from jaxsr.pipelines.coser import CoSeROptions, CoSeRPipeline
+    from jaxsr.train.coser_trainer import STAGE2_FOLDER
+    from jaxsr.train.held_out import held_out_pairs
+
+    pairs = held_out_pairs(config, "eval")
+    assert len(pairs) == 2 and pairs[0][0].shape == (16, 16, 3)
+    pipe = CoSeRPipeline.from_pretrained(workdir / STAGE2_FOLDER, dtype="float32",
+                                         devices=jax.devices()[:1])
+    options = CoSeROptions(steps=int(config.eval.steps), decoder="vae")
+    sr = pipe.upscale([lr for lr, _ in pairs], options=options, seed=int(config.eval.seed))
+    return HeldOutMetrics(["psnr", "ssim"])(np.stack(sr), np.stack([hr for _, hr in pairs]))
+
 
 @pytest.mark.slow
 def test_stage2_logs_held_out_metrics_of_the_weights_it_exports(photos, tmp_path):
@@ -534,10 +551,7 @@ def test_stage2_logs_held_out_metrics_of_the_weights_it_exports(photos, tmp_path
     degraded held-out photos: the evaluator samples with the weights being trained.
     About 4 minutes (it compiles the train step); the default suite runs the
     evaluator alone (the next test)."""
-    from jaxsr.metrics.registry import HeldOutMetrics
-    from jaxsr.pipelines.coser import CoSeROptions, CoSeRPipeline
-    from jaxsr.train.coser_trainer import STAGE2_FOLDER, train
-    from jaxsr.train.held_out import held_out_pairs
+    from jaxsr.train.coser_trainer import train
 
     _, folder = photos
     _manifest(folder)
@@ -552,13 +566,7 @@ def test_stage2_logs_held_out_metrics_of_the_weights_it_exports(photos, tmp_path
     held = [r for r in rows if "eval/psnr" in r]
     assert [r["step"] for r in held] == [2] and "eval/ssim" in held[0]
 
-    pairs = held_out_pairs(config, "eval")
-    assert len(pairs) == 2 and pairs[0][0].shape == (16, 16, 3)
-    pipe = CoSeRPipeline.from_pretrained(workdir / STAGE2_FOLDER, dtype="float32",
-                                         devices=jax.devices()[:1])
-    sr = pipe.upscale([lr for lr, _ in pairs], options=CoSeROptions(steps=2, decoder="vae"),
-                      seed=5)
-    want = HeldOutMetrics(["psnr", "ssim"])(np.stack(sr), np.stack([hr for _, hr in pairs]))
+    want = _pipeline_scores(config, workdir)
     print("held-out scores:", {k: held[0][f"eval/{k}"] for k in want}, "pipeline:", want)
     for name, value in want.items():
         assert abs(held[0][f"eval/{name}"] - value) <= 1e-5 * abs(value), name
@@ -575,10 +583,7 @@ def test_stage2_evaluator_scores_what_the_pipeline_gives_the_same_weights(photos
 
     from jax.sharding import Mesh
 
-    from jaxsr.metrics.registry import HeldOutMetrics
-    from jaxsr.pipelines.coser import CoSeROptions, CoSeRPipeline
-    from jaxsr.train.coser_trainer import STAGE2_FOLDER, coser_task
-    from jaxsr.train.held_out import held_out_pairs
+    from jaxsr.train.coser_trainer import coser_task
 
     _, folder = photos
     _manifest(folder)
@@ -592,13 +597,7 @@ def test_stage2_evaluator_scores_what_the_pipeline_gives_the_same_weights(photos
     assert set(got) == {"psnr", "ssim"}
 
     task.finish(SimpleNamespace(params=task.trainable), 0)
-    pairs = held_out_pairs(config, "eval")
-    assert len(pairs) == 2 and pairs[0][0].shape == (16, 16, 3)
-    pipe = CoSeRPipeline.from_pretrained(workdir / STAGE2_FOLDER, dtype="float32",
-                                         devices=jax.devices()[:1])
-    sr = pipe.upscale([lr for lr, _ in pairs], options=CoSeROptions(steps=2, decoder="vae"),
-                      seed=5)
-    want = HeldOutMetrics(["psnr", "ssim"])(np.stack(sr), np.stack([hr for _, hr in pairs]))
+    want = _pipeline_scores(config, workdir)
     print("held-out scores:", got, "pipeline:", want)
     for name, value in want.items():
         assert abs(got[name] - value) <= 1e-5 * abs(value), name
