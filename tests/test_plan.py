@@ -52,6 +52,25 @@ def test_chip_table_matches_the_compile_only_devices():
         assert chip.ici_bytes_per_s > chip.dcn_bytes_per_s > 0
 
 
+def test_mesh_axes_that_split_a_physical_axis():
+    """FSDP 8 on v5p:4x4x4 (64 chips as a 4x4x4 torus): 8 is no product of the
+    physical axes, so the axis splits one of them; every chip is used once."""
+    from jaxsr.parallel.mesh import make_mesh
+    from jaxsr.plan.topology import tpu_topology
+
+    devices, _ = tpu_topology("v5p:4x4x4")
+    for axes, shape in [([("data", -1), ("fsdp", 8)], {"data": 8, "fsdp": 8}),
+                        ([("data", -1), ("fsdp", 16)], {"data": 4, "fsdp": 16})]:
+        mesh = make_mesh(axes, devices)
+        assert dict(mesh.shape) == shape
+        assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in devices)
+    two, _ = tpu_topology("v5p:4x4x4", num_slices=2)
+    mesh = make_mesh([("dcn", 2), ("data", -1), ("fsdp", 8)], two)
+    assert dict(mesh.shape) == {"dcn": 2, "data": 8, "fsdp": 8}
+    # The 'dcn' axis is the one that crosses slices.
+    assert {d.slice_index for d in mesh.devices[0].flat} == {0}
+
+
 def test_captured_stderr_keeps_compiler_warnings_and_drops_libtpu_noise():
     from jaxsr.plan.capture import capture_stderr
 

@@ -55,14 +55,25 @@ def make_mesh(axes: Sequence[tuple[str, int]] = (("data", -1),), devices=None) -
 
         dcn = [s if n == "dcn" else 1 for n, s in resolved]
         ici = [1 if n == "dcn" else s for n, s in resolved]
-        grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+        grid = _physical_grid(mesh_utils.create_hybrid_device_mesh, ici, dcn, devices)
     elif devices[0].platform in ("tpu", "gpu"):
         from jax.experimental import mesh_utils
 
-        grid = mesh_utils.create_device_mesh(shape, devices)
+        grid = _physical_grid(mesh_utils.create_device_mesh, shape, devices)
     else:
         grid = np.asarray(devices).reshape(shape)
     return Mesh(grid, names, axis_types=(AxisType.Auto,) * len(names))
+
+
+def _physical_grid(create, *args):
+    """`create(*args)` (a jax mesh_utils builder), laying each logical axis along whole
+    physical torus axes where it can. An axis that is no product of physical axes
+    (FSDP 8 on a 4x4x4 v5p slice) then splits a physical axis: its collectives run
+    over part of a ring, slower than a whole ring but correct, and still on ICI."""
+    try:
+        return create(*args)
+    except NotImplementedError:
+        return create(*args, allow_split_physical_axes=True)
 
 
 # Axes that split something other than the batch: model width ('tensor') and the
