@@ -50,6 +50,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.degradation = "seesr"            # or "realesrgan" (jaxsr/data/degrade presets)
     config.null_text_ratio = 0.5
     config.grad_accum_steps = 1 if tiny else 2  # the global batch is split into this many
+    # Recompute the UNet's and ControlNet's ResNet and transformer layers in the backward
+    # pass instead of keeping their activations (SeeSR's --gradient_checkpointing): less
+    # HBM per image for about one more forward pass of compute.
+    config.remat = False
 
     config.optim = dict(
         learning_rate=1e-4 if tiny else 5e-5, warmup_steps=0, b1=0.9, b2=0.999, eps=1e-8,

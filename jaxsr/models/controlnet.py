@@ -171,11 +171,13 @@ def _zero_conv(features: int, name: str, dtype) -> nn.Conv:
 class ControlNetModel(nn.Module):
     """Returns (down residuals, mid residual), each multiplied by `conditioning_scale`
     and in the compute dtype: one down residual per UNet skip (12 for SD2), shapes
-    [B, h/2^k, w/2^k, C_level], and mid [B, h/2^(L-1), w/2^(L-1), C_last]."""
+    [B, h/2^k, w/2^k, C_level], and mid [B, h/2^(L-1), w/2^(L-1), C_last]. `remat`
+    rematerialises every ResNet and transformer layer in the backward pass."""
 
     config: ControlNetConfig = SEESR_CONTROLNET
     dtype: jnp.dtype = jnp.float32
     attention: str = "xla"
+    remat: bool = False
 
     @nn.compact
     def __call__(self, sample, timesteps, encoder_hidden_states, controlnet_cond,
@@ -199,9 +201,10 @@ class ControlNetModel(nn.Module):
             tuple(cfg.conditioning_embedding_out_channels), chans[0], dt,
             name="controlnet_cond_embedding")(controlnet_cond.astype(dt))
 
-        block = dict(config=cfg.block_config(), attention=self.attention, dtype=dt)
+        block = dict(config=cfg.block_config(), attention=self.attention, dtype=dt,
+                     remat=self.remat)
         h, skips = encoder_blocks(block["config"], h, temb, ctx, img_ctx, dtype=dt,
-                                  attention=self.attention)
+                                  attention=self.attention, remat=self.remat)
         h = MidBlock(channels=chans[-1], heads=heads[-1], with_attention=True, name="mid_block",
                      **block)(h, temb, ctx, img_ctx)
 

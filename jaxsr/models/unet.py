@@ -114,15 +114,25 @@ class UNetConfig:
 SD2_BASE_UNET = UNetConfig()
 
 
-def _transformer(cfg: UNetConfig, heads: int, channels: int, name: str, attention, dtype):
-    return Transformer2DModel(heads=heads, head_dim=channels // heads,
+def checkpointed(module_cls, remat: bool):
+    """`module_cls` itself, or with `remat` its rematerialised version (nn.remat: the
+    backward pass recomputes the layer's activations instead of keeping them). The
+    parameter names are the same either way, so checkpoints load unchanged."""
+    return nn.remat(module_cls) if remat else module_cls
+
+
+def _transformer(cfg: UNetConfig, heads: int, channels: int, name: str, attention, dtype,
+                 remat: bool = False):
+    return checkpointed(Transformer2DModel, remat)(heads=heads, head_dim=channels // heads,
                               use_linear_projection=cfg.use_linear_projection,
                               groups=cfg.norm_num_groups, attention=attention, dtype=dtype,
                               name=name)
 
 
 class _Block(nn.Module):
-    """Shared fields of the down, mid and up blocks."""
+    """Shared fields of the down, mid and up blocks. `remat`: every ResNet and
+    transformer layer is rematerialised in the backward pass (training memory for
+    compute: a layer's activations are recomputed instead of kept)."""
 
     config: UNetConfig
     channels: int
@@ -130,21 +140,22 @@ class _Block(nn.Module):
     with_attention: bool
     attention: str = "xla"
     dtype: jnp.dtype = jnp.float32
+    remat: bool = False
 
     def resnet(self, name):
         cfg = self.config
-        return ResnetBlock2D(self.channels, cfg.norm_num_groups, cfg.norm_eps, self.dtype,
-                             name=name)
+        return checkpointed(ResnetBlock2D, self.remat)(
+            self.channels, cfg.norm_num_groups, cfg.norm_eps, self.dtype, name=name)
 
     def attend(self, h, j, ctx, img_ctx):
         """Text transformer `attentions_j`, then (SeeSR) RCA `image_attentions_j`."""
         if not self.with_attention:
             return h
         h = _transformer(self.config, self.heads, self.channels, f"attentions_{j}",
-                         self.attention, self.dtype)(h, ctx)
+                         self.attention, self.dtype, self.remat)(h, ctx)
         if self.config.use_image_cross_attention:
             h = _transformer(self.config, self.heads, self.channels, f"image_attentions_{j}",
-                             self.attention, self.dtype)(h, img_ctx)
+                             self.attention, self.dtype, self.remat)(h, img_ctx)
         return h
 
 
@@ -196,11 +207,13 @@ class UNet2DConditionModel(nn.Module):
     `down_block_additional_residuals` (one per skip: conv_in output plus every
     down-block layer and downsampler output, 12 for SD2) and
     `mid_block_additional_residual` are ControlNet's outputs, added as diffusers does.
+    `remat` rematerialises every ResNet and transformer layer in the backward pass.
     """
 
     config: UNetConfig = SD2_BASE_UNET
     dtype: jnp.dtype = jnp.float32
     attention: str = "xla"
+    remat: bool = False
 
     @nn.compact
     def __call__(self, sample, timesteps, encoder_hidden_states,
@@ -216,20 +229,22 @@ class UNet2DConditionModel(nn.Module):
         if image_encoder_hidden_states is not None:
             img_ctx = image_encoder_hidden_states.astype(dt)
         return unet_body(cfg, sample, temb, ctx, dtype=dt, attention=self.attention,
-                         extra_ctx=img_ctx, down_residuals=down_block_additional_residuals,
+                         remat=self.remat, extra_ctx=img_ctx,
+                         down_residuals=down_block_additional_residuals,
                          mid_residual=mid_block_additional_residual)
 
     def time_embedding(self, sample, timesteps):
         return embed_timesteps(self.config, sample.shape[0], timesteps, self.dtype)
 
 
-def encoder_blocks(cfg: UNetConfig, h, temb, ctx, extra_ctx, *, dtype, attention: str):
+def encoder_blocks(cfg: UNetConfig, h, temb, ctx, extra_ctx, *, dtype, attention: str,
+                   remat: bool = False):
     """The down blocks `down_blocks_i` after conv_in (shared by the UNets and the
     ControlNets, called inside their compact `__call__`). h [B, H, W, C0] ->
     (h [B, H/2^(L-1), W/2^(L-1), C_last], the skips: h itself, then every down layer's
     and downsampler's output)."""
     chans, heads, levels = cfg.block_out_channels, cfg.heads, len(cfg.block_out_channels)
-    block = dict(config=cfg, attention=attention, dtype=dtype)
+    block = dict(config=cfg, attention=attention, dtype=dtype, remat=remat)
     skips = [h]
     for i in range(levels):
         h, outs = DownBlock(channels=chans[i], heads=heads[i],
@@ -240,7 +255,8 @@ def encoder_blocks(cfg: UNetConfig, h, temb, ctx, extra_ctx, *, dtype, attention
     return h, skips
 
 
-def unet_body(cfg: UNetConfig, sample, temb, ctx, *, dtype, attention: str, extra_ctx=None,
+def unet_body(cfg: UNetConfig, sample, temb, ctx, *, dtype, attention: str, remat=False,
+              extra_ctx=None,
               down_residuals: Sequence[jax.Array] | None = None,
               mid_residual: jax.Array | None = None, mid_block=MidBlock, up_block=UpBlock,
               decoder_kwargs: dict | None = None, mid_extra=None,
@@ -258,11 +274,13 @@ def unet_body(cfg: UNetConfig, sample, temb, ctx, *, dtype, attention: str, extr
     `up_extra[i]` for up level i. `down_residuals` (one per skip) and `mid_residual`
     are ControlNet's outputs, added as diffusers does. Returns [B, H, W, Cout] float32.
     """
-    decoder = dict(config=cfg, attention=attention, dtype=dtype, **(decoder_kwargs or {}))
+    decoder = dict(config=cfg, attention=attention, dtype=dtype, remat=remat,
+                   **(decoder_kwargs or {}))
     chans, heads, levels = cfg.block_out_channels, cfg.heads, len(cfg.block_out_channels)
 
     h = conv(chans[0], "conv_in", dtype=dtype)(sample.astype(dtype))
-    h, skips = encoder_blocks(cfg, h, temb, ctx, extra_ctx, dtype=dtype, attention=attention)
+    h, skips = encoder_blocks(cfg, h, temb, ctx, extra_ctx, dtype=dtype, attention=attention,
+                              remat=remat)
 
     if down_residuals is not None:
         if len(down_residuals) != len(skips):

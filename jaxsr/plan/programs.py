@@ -118,10 +118,11 @@ def seesr_train_networks(config):
 
     dt = _DTYPES[config.model.dtype]
     att = config.model.attention
+    remat = bool(config.get("remat", False))
     unet_cfg, cn_cfg, vae_cfg, text_cfg, dape_cfg = model_configs(config.model)
     nets = SeeSRTrainNets(
-        unet=unet.UNet2DConditionModel(unet_cfg, dt, attention=att),
-        controlnet=controlnet.ControlNetModel(cn_cfg, dt, attention=att),
+        unet=unet.UNet2DConditionModel(unet_cfg, dt, attention=att, remat=remat),
+        controlnet=controlnet.ControlNetModel(cn_cfg, dt, attention=att, remat=remat),
         vae=vae.AutoencoderKL(vae_cfg, dt, attention=att),
         text_encoder=clip_text.CLIPTextModel(text_cfg, dt, attention=att),
         dape=dape.DAPE(dape_cfg, dtype=dt, attention=att),

@@ -59,9 +59,11 @@ def load_weights(config):
 def build_networks(config, weights, tokenizer) -> SeeSRTrainNets:
     dt = _DTYPES[config.model.dtype]
     att = config.model.attention
+    remat = bool(config.get("remat", False))
     return SeeSRTrainNets(
-        unet=UNet2DConditionModel(weights.unet[0], dtype=dt, attention=att),
-        controlnet=ControlNetModel(weights.controlnet[0], dtype=dt, attention=att),
+        unet=UNet2DConditionModel(weights.unet[0], dtype=dt, attention=att, remat=remat),
+        controlnet=ControlNetModel(weights.controlnet[0], dtype=dt, attention=att,
+                                   remat=remat),
         vae=AutoencoderKL(weights.vae[0], dtype=dt, attention=att),
         text_encoder=CLIPTextModel(weights.text_encoder[0], dtype=dt, attention=att),
         dape=DAPE(weights.dape[0], attention=att, dtype=dt),
