@@ -209,19 +209,57 @@ def test_cli_writes_the_report_for_the_tiny_sampling_program(tmp_path, capfd):
     assert "TPU_ACCELERATOR_TYPE" not in printed.err
 
 
-def test_tiny_coser_sampling_program_compiles_for_v5e_2x2():
-    """CoSeR's reference-mode program (cognitive embedding, reference generation, SR
-    pass, CFW decode) from configs/coser.py:tiny, data-parallel over the 4 chips; its
-    replicated parameters are every network's held bytes, the CFW autoencoder's
-    included."""
+def _coser_held_bytes():
+    """Every tiny CoSeR network's parameter bytes as the pipeline holds them (bfloat16
+    kernels for the UNet and ControlNet, float32 for the rest)."""
     from flax import traverse_util
 
     from configs import coser
-    from jaxsr.commands.plan import build_plan
     from jaxsr.convert.coser_weights import CoSeRArchitecture
     from jaxsr.models import coser_controlnet, coser_unet, vae
     from jaxsr.models.cfw_vae import CFWConfig, cfw_param_shapes
     from jaxsr.models.cognitive import param_shapes as cognitive_shapes
+
+    arch = CoSeRArchitecture.from_config(coser.get_config("tiny"))
+    nbytes = lambda tree, dtype=None: sum(
+        x.size * (2 if dtype is not None and k.endswith("kernel") else x.dtype.itemsize)
+        for k, x in traverse_util.flatten_dict(tree, sep="/").items())
+    return (nbytes(cognitive_shapes(arch.cognitive)) + nbytes(vae.param_shapes(arch.vae))
+            + nbytes(coser_unet.param_shapes(arch.unet), "bf16")
+            + nbytes(coser_controlnet.param_shapes(arch.controlnet), "bf16")
+            + nbytes(cfw_param_shapes(arch.vae, CFWConfig())))
+
+
+def test_tiny_coser_sampling_program_holds_every_network_and_traces():
+    """CoSeR's reference-mode program (cognitive embedding, reference generation, SR
+    pass, CFW decode) from configs/coser.py:tiny, data-parallel over v5e:2x2, built
+    and traced from shapes: its replicated parameters are every network's held bytes,
+    the CFW autoencoder's included. (Its TPU compile runs with -m slow.)"""
+    from configs import coser
+    from jaxsr.parallel.mesh import make_mesh
+    from jaxsr.plan.coser_sample import coser_sample_program
+    from jaxsr.plan.flops import jaxpr_flops
+    from jaxsr.plan.topology import tpu_topology
+    from jaxsr.platform import compiling_for
+
+    devices, _ = tpu_topology("v5e:2x2")
+    with compiling_for("tpu"):
+        program = coser_sample_program(coser.get_config("tiny"),
+                                       make_mesh([("data", -1)], devices), 1, 64, 2)
+        traced = program.jitted.trace(*program.args)
+    assert program.images_per_call == 4 and "CFW decoder" in program.notes[0]
+    assert program.argument_parts["frozen"] == _coser_held_bytes()
+    assert program.argument_parts["optimizer"] == 0
+    assert jaxpr_flops(traced.jaxpr.jaxpr)["flops"] > 0
+
+
+# 5-7 minutes of TPU compile on 2 cores: with -m slow (the default suite compiles the
+# SeeSR sampling program for TPU, the CLI test above, and traces CoSeR's, just above).
+@pytest.mark.slow
+def test_tiny_coser_sampling_program_compiles_for_v5e_2x2():
+    """The same program compiled by the TPU compiler: it fits, no compiler warnings,
+    and the report's frozen bytes are the held bytes."""
+    from jaxsr.commands.plan import build_plan
 
     args = plan_args(program="sample", config="configs/coser.py:tiny", size=64, steps=2,
                      batch_per_chip=1)
@@ -231,15 +269,7 @@ def test_tiny_coser_sampling_program_compiles_for_v5e_2x2():
     assert report["images_per_step"] == 4
     assert "CFW decoder" in report["notes"][0]
     assert not [w for w in report["warnings"] if "remat" in w.lower()], report["warnings"]
-    arch = CoSeRArchitecture.from_config(coser.get_config("tiny"))
-    nbytes = lambda tree, dtype=None: sum(
-        x.size * (2 if dtype is not None and k.endswith("kernel") else x.dtype.itemsize)
-        for k, x in traverse_util.flatten_dict(tree, sep="/").items())
-    want = (nbytes(cognitive_shapes(arch.cognitive)) + nbytes(vae.param_shapes(arch.vae))
-            + nbytes(coser_unet.param_shapes(arch.unet), "bf16")
-            + nbytes(coser_controlnet.param_shapes(arch.controlnet), "bf16")
-            + nbytes(cfw_param_shapes(arch.vae, CFWConfig())))
-    assert report["memory"]["frozen"] == want
+    assert report["memory"]["frozen"] == _coser_held_bytes()
     assert report["memory"]["optimizer"] == 0
 
 
