@@ -73,5 +73,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         decoder="cfw",
         # Large images: latent tiles with Gaussian blending (inference_tile.py's grid).
         latent_tile=64, latent_tile_overlap=32,
+        # `jaxsr plan`'s program: "reference" (one pass with reference generation),
+        # "tiled" (inference_tile.py's per-patch call, enlarged patches of patch_size²
+        # every patch_stride pixels, after enlarging the LR's short side to input_size)
+        # or "auto" (tiled above (8·latent_tile)² outputs, as `jaxsr sr --coser` picks).
+        mode="auto", input_size=512, patch_size=1280, patch_stride=1000,
     )
     return config

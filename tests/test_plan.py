@@ -253,18 +253,51 @@ def test_tiny_coser_sampling_program_holds_every_network_and_traces():
     assert jaxpr_flops(traced.jaxpr.jaxpr)["flops"] > 0
 
 
+# Tiled mode at tiny sizes: a 32² LR enlarged x4 to 128², cut into 96² patches every
+# 32 pixels (2 x 2 patches), each sampled in 8² latent tiles overlapping by 4.
+TINY_TILED = ["--config.sampling.mode=tiled", "--config.sampling.input_size=64",
+              "--config.sampling.patch_size=96", "--config.sampling.patch_stride=32",
+              "--config.sampling.latent_tile=8", "--config.sampling.latent_tile_overlap=4"]
+
+
+def test_tiny_coser_tiled_program_is_the_per_patch_call():
+    """config.sampling.mode=tiled plans inference_tile.py's per-patch call: the batch
+    is enlarged patches, the notes count the patches one output takes, the parameters
+    held are the same as in reference mode."""
+    from jaxsr.parallel.mesh import make_mesh
+    from jaxsr.plan.coser_sample import coser_sample_program
+    from jaxsr.plan.topology import tpu_topology
+    from jaxsr.platform import compiling_for
+    from jaxsr.train.config_file import load_config
+
+    config = load_config("configs/coser.py:tiny", TINY_TILED)
+    devices, _ = tpu_topology("v5e:2x2")
+    with compiling_for("tpu"):
+        program = coser_sample_program(config, make_mesh([("data", -1)], devices), 1, 128, 2)
+        program.jitted.trace(*program.args)
+    assert program.name == "coser sample (tiled)" and program.images_per_call == 4
+    im_lq = program.args[2]
+    assert im_lq.shape == (4, 96, 96, 3)
+    assert "takes 4 patch(es)" in program.notes[0]
+    assert program.argument_parts["frozen"] == _coser_held_bytes()
+
+
 # 5-7 minutes of TPU compile on 2 cores: with -m slow (the default suite compiles the
 # SeeSR sampling program for TPU, the CLI test above, and traces CoSeR's, just above).
 @pytest.mark.slow
-def test_tiny_coser_sampling_program_compiles_for_v5e_2x2():
-    """The same program compiled by the TPU compiler: it fits, no compiler warnings,
+@pytest.mark.parametrize("mode", ["reference", "tiled"])
+def test_tiny_coser_sampling_program_compiles_for_v5e_2x2(mode):
+    """The same programs compiled by the TPU compiler: they fit, no compiler warnings,
     and the report's frozen bytes are the held bytes."""
     from jaxsr.commands.plan import build_plan
 
-    args = plan_args(program="sample", config="configs/coser.py:tiny", size=64, steps=2,
-                     batch_per_chip=1)
+    tiled = mode == "tiled"
+    args = plan_args(program="sample", config="configs/coser.py:tiny", size=128 if tiled
+                     else 64, steps=2, batch_per_chip=1,
+                     config_overrides=TINY_TILED if tiled else [])
     report = build_plan(args)
-    assert report["program"] == "coser sample" and report["mesh"] == {"data": 4}
+    assert report["program"] == ("coser sample (tiled)" if tiled else "coser sample")
+    assert report["mesh"] == {"data": 4}
     assert report["chips"] == 4 and report["fits"] and report["flops_per_chip"] > 0
     assert report["images_per_step"] == 4
     assert "CFW decoder" in report["notes"][0]

@@ -11,6 +11,14 @@ layers' shape `CFWConfig()`; or "vae") and of the reference latent (plain VAE).
 Parameters are held as the pipeline holds them (bfloat16 kernels when the networks
 compute in bfloat16) and placed by config.sharding.params (default: replicated);
 images, prompts and keys are split over the batch axes.
+
+With config.sampling.mode = "tiled" (or "auto" for outputs larger than 512², as
+`jaxsr sr --coser` picks) the program is tiled mode's per-patch call
+(`coser_restore_tiled`, inference_tile.py): a batch of enlarged patches of
+config.sampling.patch_size² (or the whole padded image when smaller), each sampled in
+latent tiles of config.sampling.latent_tile with Gaussian blending, no reference
+generation; one "image" of the report is then one patch, and the notes say how many
+patches one `size`² output takes.
 """
 
 from __future__ import annotations
@@ -86,6 +94,13 @@ def coser_sample_program(config, mesh: Mesh, batch_per_chip: int, size: int,
     params_sh = inference_shardings(params, config, mesh)
     n = global_batch(mesh, batch_per_chip)
     batch_sh = NamedSharding(mesh, P(batch_axes(mesh)))
+    mode = s.get("mode", "auto")
+    if mode not in ("auto", "reference", "tiled"):
+        raise ValueError(f"config.sampling.mode={mode!r}: choose 'auto', 'reference' or "
+                         "'tiled'")
+    if mode == "tiled" or (mode == "auto" and size > 8 * int(s.latent_tile)):
+        return _tiled_program(config, arch, nets, settings, schedule, num_steps, params,
+                              params_sh, n, batch_sh, size)
     lr_side = size // upscale
     lr = jax.ShapeDtypeStruct((n, lr_side, lr_side, 3), jnp.float32, sharding=batch_sh)
     text_shape = (n, arch.text_encoder.max_position_embeddings, arch.text_encoder.hidden_size)
@@ -104,3 +119,50 @@ def coser_sample_program(config, mesh: Mesh, batch_per_chip: int, size: int,
                           + ("CFW decoder (fusion weight "
                              f"{settings.fusion_weight})" if decoder == "cfw"
                              else "plain VAE decoder")])
+
+
+def _tiled_program(config, arch, nets, settings, schedule, num_steps, params, params_sh,
+                   n: int, batch_sh, size: int) -> Program:
+    """Tiled mode's per-patch program for `size`² outputs (see the module docstring)."""
+    from jaxsr.pipelines.coser import CoSeROptions, patch_starts, tiled_geometry
+    from jaxsr.pipelines.coser_sampling import coser_adapter, coser_restore_tiled
+
+    s = config.sampling
+    upscale = int(s.upscale)
+    options = CoSeROptions(mode="tiled", upscale=upscale, latent_tile=int(s.latent_tile),
+                           latent_tile_overlap=int(s.latent_tile_overlap),
+                           input_size=int(s.input_size), patch_size=int(s.patch_size),
+                           patch_stride=int(s.patch_stride))
+    lr_side = size // upscale
+    geometry = tiled_geometry(lr_side, lr_side, options)
+    ph, pw = geometry.padded
+    side_h, side_w = min(ph, options.patch_size), min(pw, options.patch_size)
+    patches = (len(patch_starts(ph, options.patch_size, options.patch_stride))
+               * len(patch_starts(pw, options.patch_size, options.patch_stride)))
+    settings = settings._replace(latent_tile=options.latent_tile,
+                                 latent_tile_overlap=options.latent_tile_overlap)
+    # E of the whole LR image, computed once per image by its own small program.
+    adapter_shape = jax.eval_shape(
+        partial(coser_adapter, nets), params,
+        jax.ShapeDtypeStruct((1, lr_side, lr_side, 3), jnp.float32)).shape
+    im_lq = jax.ShapeDtypeStruct((n, side_h, side_w, 3), jnp.float32, sharding=batch_sh)
+    adapter = jax.ShapeDtypeStruct((n, *adapter_shape[1:]), jnp.float32, sharding=batch_sh)
+    text_shape = (n, arch.text_encoder.max_position_embeddings, arch.text_encoder.hidden_size)
+    prompt = jax.ShapeDtypeStruct(text_shape, jnp.float32, sharding=batch_sh)
+    negative = jax.ShapeDtypeStruct(text_shape, jnp.float32, sharding=batch_sh)
+    keys = image_keys(n, batch_sh)
+    jitted = jax.jit(partial(coser_restore_tiled, nets, settings),
+                     in_shardings=(params_sh, None, batch_sh, batch_sh, batch_sh, batch_sh,
+                                   batch_sh),
+                     out_shardings=(batch_sh, batch_sh))
+    args = (with_shardings(params, params_sh), schedule, im_lq, adapter, prompt, negative,
+            keys)
+    parts = inference_parts(params, params_sh, (im_lq, adapter, prompt, negative))
+    return Program("coser sample (tiled)", jitted, args, n, parts,
+                   notes=[f"tiled mode: one call samples {n} enlarged patches of "
+                          f"{side_h}x{side_w} ({num_steps} respaced DDPM steps, latent tiles "
+                          f"of {options.latent_tile} overlapping {options.latent_tile_overlap}"
+                          f", guidance {settings.guidance_scale}, "
+                          + ("CFW decoder" if nets.cfw is not None else "plain VAE decoder")
+                          + f"); a {size}² output takes {patches} patch(es): images/s = "
+                          f"patches/s / {patches}"])
