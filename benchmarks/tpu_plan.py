@@ -31,16 +31,25 @@ from benchmarks.common import environment, print_table, write_json  # noqa: E402
 
 # name: (program, config, topology, meshes to sweep, fixed batches or None to search,
 #        extra CLI arguments)
+# SeeSR training keeps ~28 GB of activations per 512² image without remat (v5p:4x4x4,
+# FSDP 8, batch 4: 110.8 GB of temporaries per chip), so the training rows rematerialise
+# the UNet and ControlNet layers; train_v5p_4x4x4_noremat is the same row without.
+REMAT = ["--config.remat=True"]
 ROWS = {
     "train_v5e_4x4": ("train", "configs/seesr_train.py", "v5e:4x4",
                       ["[('data', -1), ('fsdp', 16)]",
-                       "[('data', -1), ('fsdp', 4), ('tensor', 4)]"], None, []),
+                       "[('data', -1), ('fsdp', 4), ('tensor', 4)]"], None, REMAT),
     "train_v5p_2x2x2": ("train", "configs/seesr_train.py", "v5p:2x2x2",
-                        ["[('data', -1), ('fsdp', 8)]", "[('data', -1), ('fsdp', 4)]"], None, []),
+                        ["[('data', -1), ('fsdp', 8)]", "[('data', -1), ('fsdp', 4)]"], None,
+                        REMAT),
     "train_v5p_4x4x4": ("train", "configs/seesr_train.py", "v5p:4x4x4",
-                        ["[('data', -1), ('fsdp', 8)]", "[('data', -1), ('fsdp', 16)]"], None, []),
+                        ["[('data', -1), ('fsdp', 8)]", "[('data', -1), ('fsdp', 16)]"], None,
+                        REMAT),
+    "train_v5p_4x4x4_noremat": ("train", "configs/seesr_train.py", "v5p:4x4x4",
+                                ["[('data', -1), ('fsdp', 8)]"], [4], []),
     "train_v6e_4x4": ("train", "configs/seesr_train.py", "v6e:4x4",
-                      ["[('data', -1), ('fsdp', 16)]", "[('data', -1), ('fsdp', 8)]"], None, []),
+                      ["[('data', -1), ('fsdp', 16)]", "[('data', -1), ('fsdp', 8)]"], None,
+                      REMAT),
     "sample_v5e_b1": ("sample", "configs/seesr.py", "v5e:1x1", ["[('data', 1)]"], [1], []),
     "sample_v5e_b4": ("sample", "configs/seesr.py", "v5e:1x1", ["[('data', 1)]"], [4], []),
     "sample_v5e_b8": ("sample", "configs/seesr.py", "v5e:1x1", ["[('data', 1)]"], [8], []),
@@ -117,17 +126,51 @@ def row_summary(name: str, r: dict) -> dict:
             "compile s": r["compile_s"]}
 
 
+def record(name: str, report_path: Path, out_dir: Path) -> None:
+    """Saves a hand-run report as row `name`, after checking it is that row's program
+    on that row's topology with one of its meshes."""
+    if name not in ROWS:
+        raise SystemExit(f"--record needs --rows to name one row exactly: {', '.join(ROWS)}")
+    program, config, topology, meshes, _, _ = ROWS[name]
+    report = json.loads(report_path.read_text())
+    from jaxsr.commands.plan import parse_mesh
+
+    wanted = [{n: s for n, s in parse_mesh(m) if s != -1} for m in meshes]
+    given = report["mesh"]
+    if (report["topology"] != topology or program not in report["program"]
+            or not any(all(given.get(n) == s for n, s in w.items()) for w in wanted)):
+        raise SystemExit(f"{report_path} is {report['program']} on {report['topology']} with "
+                         f"mesh {given}; row {name} is {program} on {topology} with {meshes}")
+    report["mesh_arg"] = next(m for m, w in zip(meshes, wanted)
+                              if all(given.get(n) == s for n, s in w.items()))
+    report["recorded_by_hand"] = ("one `jaxsr plan --json` compile at this batch, kept "
+                                  "with --record: the batch was not searched")
+    fits = "error" not in report and report.get("fits")
+    write_json(out_dir / f"{name}.json", {"benchmark": "tpu_plan", "row": name,
+                                          "best": report if fits else None,
+                                          "runs": [report], "environment": environment()})
+    print_table([row_summary(name, report)], list(row_summary(name, report)))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", default="", help="run rows whose name contains this")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per compile")
     ap.add_argument("--out-dir", default="benchmarks/results/tpu_plan")
+    ap.add_argument("--record", type=Path, default=None, metavar="PLAN.json",
+                    help="with --rows NAME: keep a `jaxsr plan --json` report run by hand "
+                         "(with the row's program, config, topology and one of its meshes) "
+                         "as that row, batch not searched: for compiles that outlast the "
+                         "sweep on a small host")
     args = ap.parse_args()
     if args.list:
         print("\n".join(ROWS))
         return
     out_dir = Path(args.out_dir)
+    if args.record:
+        record(args.rows, args.record, out_dir)
+        return
     for name, (program, config, topology, meshes, batches, extra) in ROWS.items():
         if args.rows not in name:
             continue

@@ -174,6 +174,7 @@ def test_tiny_train_step_compiles_for_v5e_2x2(axes, replicated_params_bytes, tmp
     assert set(report["collectives"]) == KINDS
     assert report["chips"] == 4 and report["chip"] == "v5e" and report["fits"]
     assert report["mesh"] == dict(axes)
+    assert "remat off" in report["notes"][0]
     assert not [w for w in report["warnings"] if "remat" in w.lower()], report["warnings"]
     mem = report["memory"]
     assert mem["params"] == pytest.approx(replicated_params_bytes / 2, rel=0.10)

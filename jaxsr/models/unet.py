@@ -123,10 +123,9 @@ def checkpointed(module_cls, remat: bool):
 
 def _transformer(cfg: UNetConfig, heads: int, channels: int, name: str, attention, dtype,
                  remat: bool = False):
-    return checkpointed(Transformer2DModel, remat)(heads=heads, head_dim=channels // heads,
-                              use_linear_projection=cfg.use_linear_projection,
-                              groups=cfg.norm_num_groups, attention=attention, dtype=dtype,
-                              name=name)
+    return checkpointed(Transformer2DModel, remat)(
+        heads=heads, head_dim=channels // heads, use_linear_projection=cfg.use_linear_projection,
+        groups=cfg.norm_num_groups, attention=attention, dtype=dtype, name=name)
 
 
 class _Block(nn.Module):

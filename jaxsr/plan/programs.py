@@ -137,7 +137,8 @@ def seesr_train_networks(config):
     return nets, trainable, as_dtype(frozen, _DTYPES[config.get("frozen_dtype", "float32")])
 
 
-def task_train_program(name: str, task, config, mesh: Mesh, batch_per_chip: int) -> Program:
+def task_train_program(name: str, task, config, mesh: Mesh, batch_per_chip: int,
+                       notes: list | None = None) -> Program:
     """A `jaxsr.train.loop.Task` of abstract trees as the loop's own train step on
     `mesh` (`loop.jit_train_step`): state donated, frozen params in
     config.frozen_dtype, batch leaves [1, global batch, ...] split over the batch axes,
@@ -160,7 +161,7 @@ def task_train_program(name: str, task, config, mesh: Mesh, batch_per_chip: int)
             "frozen": (frozen, frozen_sh),
             "batch": (batch, jax.tree.map(lambda x: x.sharding, batch))}
     parts = {role: bytes_per_chip(*pair) for role, pair in held.items()}
-    return Program(name, jitted, args, images, parts)
+    return Program(name, jitted, args, images, parts, notes=list(notes or []))
 
 
 def seesr_train_program(config, mesh: Mesh, batch_per_chip: int) -> Program:
@@ -179,7 +180,12 @@ def seesr_train_program(config, mesh: Mesh, batch_per_chip: int) -> Program:
         return seesr_loss(nets, params, fz, hr, keys, degrade, ratio), {}
 
     task = Task(trainable=trainable, frozen=frozen, loss_fn=loss_fn)
-    return task_train_program("seesr train", task, config, mesh, batch_per_chip)
+    remat = "on" if config.get("remat", False) else "off"
+    return task_train_program(
+        "seesr train", task, config, mesh, batch_per_chip,
+        notes=[f"{config.data.crop_size}² crops, {config.degradation} degradation, "
+               f"{config.model.dtype} compute, frozen networks in {config.frozen_dtype}, "
+               f"remat {remat}"])
 
 
 def seesr_sample_program(config, mesh: Mesh, batch_per_chip: int, size: int,

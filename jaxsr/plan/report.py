@@ -200,6 +200,7 @@ def format_report(r: dict) -> str:
     rows = [
         ("program", f"{r['program']} on {r['topology']} ({r['chips']} x {r['chip']}), "
                     f"mesh {r['mesh']}, {r['batch_per_chip']} per chip"),
+        *(("notes", note) for note in r.get("notes", [])),
         ("memory per chip", f"params {_gb(m['params'])}, optimizer {_gb(m['optimizer'])}, "
                             f"frozen {_gb(m['frozen'])}, batch {_gb(m['batch'])}, "
                             f"temporaries {_gb(m['temporaries'])}, code "
