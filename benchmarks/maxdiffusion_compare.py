@@ -27,6 +27,7 @@ arithmetic on a published number and counted FLOPs, not measurements.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -111,6 +112,20 @@ def seesr_train_flops_per_image(crop: int) -> dict:
             "images_traced": program.images_per_call}
 
 
+def _plan_row(path: str) -> dict | None:
+    """The predicted SeeSR training row of the TPU plan table (benchmarks/tpu_plan.py),
+    if it has been compiled: FLOPs per image there include the remat recompute."""
+    p = Path(path)
+    best = json.loads(p.read_text()).get("best") if p.exists() else None
+    if not best:
+        return None
+    per_step = best["flops_per_chip"] * best["chips"] / best["images_per_step"]
+    return {"flops_per_image": per_step, "batch_per_chip": best["batch_per_chip"],
+            "mesh": best["mesh"], "mfu": best["predicted"]["mfu"],
+            "images_per_s_per_chip": best["predicted"]["images_per_s_per_chip"],
+            "bound": best["predicted"]["bound"], "extra_args": best.get("extra_args", [])}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results/maxdiffusion_compare.json")
@@ -130,6 +145,7 @@ def main() -> None:
     sdxl_train, _ = torch_unet_flops(
         SDXL_BASE_UNET, 64, (77, 2048), {"text_embeds": 1280, "time_ids": 6}, backward=True)
     seesr = seesr_train_flops_per_image(512)
+    plan = _plan_row("benchmarks/results/tpu_plan/train_v5p_4x4x4.json")
 
     v5p = CHIPS["v5p"]
     md_rate = MAXDIFFUSION_SDXL["images_per_s_per_chip"]
@@ -148,6 +164,12 @@ def main() -> None:
          seesr["flops_per_image"] / 1e12, "img/s/chip": seesr_rate, "MFU": md_mfu,
          "note": "at MaxDiffusion's implied MFU (normalised by FLOPs/image)"},
     ]
+    if plan:
+        rows.append({"work": "SeeSR training step, jaxsr plan on v5p:4x4x4",
+                     "TFLOP/image": plan["flops_per_image"] / 1e12,
+                     "img/s/chip": plan["images_per_s_per_chip"], "MFU": plan["mfu"],
+                     "note": f"predicted by the roofline, {plan['bound']}-bound "
+                             f"(batch {plan['batch_per_chip']}/chip, {plan['mesh']})"})
     print("FLOPs per training image (2 x matmul/conv MACs); rates are arithmetic on "
           "MaxDiffusion's published number, not measurements:")
     print_table(rows, ["work", "TFLOP/image", "img/s/chip", "MFU", "note"])
@@ -162,6 +184,7 @@ def main() -> None:
         "seesr_train": seesr,
         "maxdiffusion_implied_mfu": md_mfu,
         "seesr_images_per_s_per_chip_at_that_mfu": seesr_rate,
+        "seesr_plan_v5p_4x4x4": plan,
         "wall_s": round(time.perf_counter() - start, 1), "environment": environment()})
 
 

@@ -131,7 +131,7 @@ def record(name: str, report_path: Path, out_dir: Path) -> None:
     on that row's topology with one of its meshes."""
     if name not in ROWS:
         raise SystemExit(f"--record needs --rows to name one row exactly: {', '.join(ROWS)}")
-    program, config, topology, meshes, _, _ = ROWS[name]
+    program, config, topology, meshes, _, extra = ROWS[name]
     report = json.loads(report_path.read_text())
     from jaxsr.commands.plan import parse_mesh
 
@@ -145,6 +145,8 @@ def record(name: str, report_path: Path, out_dir: Path) -> None:
                               if all(given.get(n) == s for n, s in w.items()))
     report["recorded_by_hand"] = ("one `jaxsr plan --json` compile at this batch, kept "
                                   "with --record: the batch was not searched")
+    # As the row runs it (the report itself does not carry its config overrides).
+    report["extra_args"] = extra
     fits = "error" not in report and report.get("fits")
     write_json(out_dir / f"{name}.json", {"benchmark": "tpu_plan", "row": name,
                                           "best": report if fits else None,
