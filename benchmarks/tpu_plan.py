@@ -5,6 +5,8 @@ best mesh of a small sweep.
     python benchmarks/tpu_plan.py                       # every row (hours on 2 cores)
     python benchmarks/tpu_plan.py --rows sample_v5e     # rows whose name contains it
     python benchmarks/tpu_plan.py --list
+    python benchmarks/tpu_plan.py --rows train_v5p_4x4x4 --record PLAN.json   # one hand-run
+                                                  # `jaxsr plan --json` compile kept as the row
 
 Each compile runs `jaxsr plan --json` in a fresh process (a full-size compile holds
 several GB; a failure costs one row). The batch search per (row, mesh): compile at
