@@ -94,19 +94,13 @@ def coser_sample_program(config, mesh: Mesh, batch_per_chip: int, size: int,
     params_sh = inference_shardings(params, config, mesh)
     n = global_batch(mesh, batch_per_chip)
     batch_sh = NamedSharding(mesh, P(batch_axes(mesh)))
-    mode = s.get("mode", "auto")
-    if mode not in ("auto", "reference", "tiled"):
-        raise ValueError(f"config.sampling.mode={mode!r}: choose 'auto', 'reference' or "
-                         "'tiled'")
-    if mode == "tiled" or (mode == "auto" and size > 8 * int(s.latent_tile)):
-        return _tiled_program(config, arch, nets, settings, schedule, num_steps, params,
-                              params_sh, n, batch_sh, size)
+    options = _options(config)
+    if options.pick_mode(size // upscale, size // upscale) == "tiled":
+        return _tiled_program(options, arch, nets, settings, schedule, num_steps,
+                              params, params_sh, n, batch_sh, size)
     lr_side = size // upscale
     lr = jax.ShapeDtypeStruct((n, lr_side, lr_side, 3), jnp.float32, sharding=batch_sh)
-    text_shape = (n, arch.text_encoder.max_position_embeddings, arch.text_encoder.hidden_size)
-    prompt = jax.ShapeDtypeStruct(text_shape, jnp.float32, sharding=batch_sh)
-    negative = jax.ShapeDtypeStruct(text_shape, jnp.float32, sharding=batch_sh)
-    keys = image_keys(n, batch_sh)
+    prompt, negative, keys = _text_and_keys(arch, n, batch_sh)
     jitted = jax.jit(partial(coser_restore, nets, settings),
                      in_shardings=(params_sh, None, batch_sh, batch_sh, batch_sh, batch_sh),
                      out_shardings=batch_sh)
@@ -121,19 +115,33 @@ def coser_sample_program(config, mesh: Mesh, batch_per_chip: int, size: int,
                              else "plain VAE decoder")])
 
 
-def _tiled_program(config, arch, nets, settings, schedule, num_steps, params, params_sh,
-                   n: int, batch_sh, size: int) -> Program:
-    """Tiled mode's per-patch program for `size`² outputs (see the module docstring)."""
-    from jaxsr.pipelines.coser import CoSeROptions, patch_starts, tiled_geometry
-    from jaxsr.pipelines.coser_sampling import coser_adapter, coser_restore_tiled
+def _options(config):
+    """config.sampling's mode and tiling as the pipeline's CoSeROptions (which checks
+    them and picks the mode for "auto" as `jaxsr sr --coser` does)."""
+    from jaxsr.pipelines.coser import CoSeROptions
 
     s = config.sampling
-    upscale = int(s.upscale)
-    options = CoSeROptions(mode="tiled", upscale=upscale, latent_tile=int(s.latent_tile),
-                           latent_tile_overlap=int(s.latent_tile_overlap),
-                           input_size=int(s.input_size), patch_size=int(s.patch_size),
-                           patch_stride=int(s.patch_stride))
-    lr_side = size // upscale
+    return CoSeROptions(mode=s.get("mode", "auto"), upscale=int(s.upscale),
+                        latent_tile=int(s.latent_tile),
+                        latent_tile_overlap=int(s.latent_tile_overlap),
+                        input_size=int(s.input_size), patch_size=int(s.patch_size),
+                        patch_stride=int(s.patch_stride))
+
+
+def _text_and_keys(arch, n: int, batch_sh):
+    """The abstract prompt and negative-prompt embeddings [n, 77, D] and per-image keys."""
+    shape = (n, arch.text_encoder.max_position_embeddings, arch.text_encoder.hidden_size)
+    text = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=batch_sh)
+    return text, text, image_keys(n, batch_sh)
+
+
+def _tiled_program(options, arch, nets, settings, schedule, num_steps, params,
+                   params_sh, n: int, batch_sh, size: int) -> Program:
+    """Tiled mode's per-patch program for `size`² outputs (see the module docstring)."""
+    from jaxsr.pipelines.coser import patch_starts, tiled_geometry
+    from jaxsr.pipelines.coser_sampling import coser_adapter, coser_restore_tiled
+
+    lr_side = size // options.upscale
     geometry = tiled_geometry(lr_side, lr_side, options)
     ph, pw = geometry.padded
     side_h, side_w = min(ph, options.patch_size), min(pw, options.patch_size)
@@ -147,10 +155,7 @@ def _tiled_program(config, arch, nets, settings, schedule, num_steps, params, pa
         jax.ShapeDtypeStruct((1, lr_side, lr_side, 3), jnp.float32)).shape
     im_lq = jax.ShapeDtypeStruct((n, side_h, side_w, 3), jnp.float32, sharding=batch_sh)
     adapter = jax.ShapeDtypeStruct((n, *adapter_shape[1:]), jnp.float32, sharding=batch_sh)
-    text_shape = (n, arch.text_encoder.max_position_embeddings, arch.text_encoder.hidden_size)
-    prompt = jax.ShapeDtypeStruct(text_shape, jnp.float32, sharding=batch_sh)
-    negative = jax.ShapeDtypeStruct(text_shape, jnp.float32, sharding=batch_sh)
-    keys = image_keys(n, batch_sh)
+    prompt, negative, keys = _text_and_keys(arch, n, batch_sh)
     jitted = jax.jit(partial(coser_restore_tiled, nets, settings),
                      in_shardings=(params_sh, None, batch_sh, batch_sh, batch_sh, batch_sh,
                                    batch_sh),
