@@ -99,6 +99,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.null_text_ratio = 0.5
     config.gt_as_lr_prob = 0.01
     config.adapter_dropout = True
+    # Stage 2: recompute the AiA UNet's and the ControlNet's ResNet and transformer
+    # layers in the backward pass instead of keeping their activations (the release
+    # checkpoints its ControlNet): less memory per image for about one more forward.
+    config.remat = False
 
     config.optim = dict(
         learning_rate=1e-3 if tiny else 5e-5, warmup_steps=0, b1=0.9, b2=0.999, eps=1e-8,

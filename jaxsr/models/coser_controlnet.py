@@ -84,11 +84,13 @@ def _zero_conv(features: int, name: str, dtype, kernel: int = 1) -> nn.Conv:
 
 
 class CoSeRControlNet(nn.Module):
-    """Returns the 13 features (tuple, compute dtype): 12 skip features then the mid one."""
+    """Returns the 13 features (tuple, compute dtype): 12 skip features then the mid one.
+    `remat` rematerialises every ResNet and transformer layer in the backward pass."""
 
     config: CoSeRControlNetConfig = COSER_CONTROLNET
     dtype: jnp.dtype = jnp.float32
     attention: str = "xla"
+    remat: bool = False
 
     @nn.compact
     def __call__(self, sample, timesteps, encoder_hidden_states, hint):
@@ -103,8 +105,9 @@ class CoSeRControlNet(nn.Module):
 
         h = conv(chans[0], "conv_in", dtype=dt)(sample.astype(dt))
         h = h + _zero_conv(chans[0], "hint_zero_conv", dt, kernel=3)(hint.astype(dt))
-        block = dict(config=cfg, attention=self.attention, dtype=dt)
-        h, skips = encoder_blocks(cfg, h, temb, ctx, None, dtype=dt, attention=self.attention)
+        block = dict(config=cfg, attention=self.attention, dtype=dt, remat=self.remat)
+        h, skips = encoder_blocks(cfg, h, temb, ctx, None, dtype=dt, attention=self.attention,
+                                  remat=self.remat)
         h = MidBlock(channels=chans[-1], heads=heads[-1], with_attention=True, name="mid_block",
                      **block)(h, temb, ctx, None)
         feats = [_zero_conv(s.shape[-1], f"controlnet_down_blocks_{k}", dt)(s)

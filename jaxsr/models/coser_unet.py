@@ -36,6 +36,7 @@ from jaxsr.models.unet import (
     MidBlock,
     UNetConfig,
     UpBlock,
+    checkpointed,
     embed_timesteps,
     unet_body,
 )
@@ -98,11 +99,11 @@ def _aia_attend(block, h, j, ctx, control, dubch: bool):
     if not block.with_attention:
         return h
     lr, ref = (None, None) if control is None else control[j]
-    return AiATransformer2D(heads=block.heads, head_dim=block.channels // block.heads,
-                            groups=block.config.norm_num_groups, dubch=dubch,
-                            reference_attention=block.reference_attention,
-                            attention=block.attention, dtype=block.dtype,
-                            name=f"attentions_{j}")(h, ctx, lr, ref)
+    aia = checkpointed(AiATransformer2D, block.remat)
+    return aia(heads=block.heads, head_dim=block.channels // block.heads,
+               groups=block.config.norm_num_groups, dubch=dubch,
+               reference_attention=block.reference_attention, attention=block.attention,
+               dtype=block.dtype, name=f"attentions_{j}")(h, ctx, lr, ref)
 
 
 class AiAMidBlock(MidBlock):
@@ -131,11 +132,13 @@ class AiAUpBlock(UpBlock):
 
 
 class CoSeRUNet(nn.Module):
-    """ε-prediction AiA UNet. Returns [B, h, w, out_channels] in float32."""
+    """ε-prediction AiA UNet. Returns [B, h, w, out_channels] in float32. `remat`
+    rematerialises every ResNet, SD and AiA transformer layer in the backward pass."""
 
     config: CoSeRUNetConfig = COSER_UNET
     dtype: jnp.dtype = jnp.float32
     attention: str = "xla"
+    remat: bool = False
 
     @nn.compact
     def __call__(self, sample, timesteps, encoder_hidden_states,
@@ -155,7 +158,8 @@ class CoSeRUNet(nn.Module):
 
         temb = embed_timesteps(cfg, sample.shape[0], timesteps, dt)
         return unet_body(cfg, sample, temb, encoder_hidden_states.astype(dt), dtype=dt,
-                         attention=self.attention, mid_block=AiAMidBlock, up_block=AiAUpBlock,
+                         attention=self.attention, remat=self.remat, mid_block=AiAMidBlock,
+                         up_block=AiAUpBlock,
                          decoder_kwargs=dict(reference_attention=self.config.reference_attention),
                          mid_extra=mid_control, up_extra=up_controls)
 

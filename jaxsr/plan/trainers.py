@@ -37,5 +37,9 @@ def coser_train_program(config, mesh: Mesh, batch_per_chip: int) -> Program:
 
     stage = stage_of(config)
     task, _ = coser_task(config, None, weights=weight_shapes(config, stage))
+    notes = []
+    if stage == 2:
+        notes.append(f"{config.data.crop_size}² crops, {config.model.dtype} compute, "
+                     f"remat {'on' if config.get('remat', False) else 'off'}")
     return task_train_program(f"coser stage {stage} train", task, config, mesh,
-                              batch_per_chip)
+                              batch_per_chip, notes=notes)

@@ -241,14 +241,16 @@ def stage2_nets(config, weights: StageWeights) -> obj.Stage2Nets:
     from jaxsr.models.tokenizer import tokenize
 
     dt, att = _DTYPES[config.model.dtype], config.model.attention
+    remat = bool(config.get("remat", False))
     base = weights.sd_unet[0]
     ucfg = CoSeRUNetConfig(base=base, reference_attention=config.model.reference_attention)
     sched = SchedulerConfig.from_diffusers(dict(config.model.scheduler), "ddpm")
     return obj.Stage2Nets(
         cognitive=CognitiveEncoder(weights.cognitive_config, attention=att, dtype=dt),
         text_encoder=clip_text.CLIPTextModel(weights.text_config, dtype=dt, attention=att),
-        unet=CoSeRUNet(ucfg, dtype=dt, attention=att),
-        controlnet=CoSeRControlNet(CoSeRControlNetConfig(base=base), dtype=dt, attention=att),
+        unet=CoSeRUNet(ucfg, dtype=dt, attention=att, remat=remat),
+        controlnet=CoSeRControlNet(CoSeRControlNetConfig(base=base), dtype=dt, attention=att,
+                                   remat=remat),
         vae=vae.AutoencoderKL(weights.vae[0], dtype=dt, attention=att),
         alphas_cumprod=sched.alphas_cumprod(),
         empty_ids=tokenize(weights.tokenizer, "")[0])
