@@ -55,9 +55,14 @@ def main() -> None:
     from configs import seesr_train
     from jaxsr.parallel.mesh import batch_axes, make_mesh
     from jaxsr.parallel.sharding import infer_shardings
-    from jaxsr.plan.programs import seesr_train_networks
+    from jaxsr.plan.programs import as_dtype
     from jaxsr.train.seesr_objective import seesr_loss
-    from jaxsr.train.seesr_trainer import degradation_fn
+    from jaxsr.train.seesr_trainer import (
+        build_networks,
+        degradation_fn,
+        seesr_weight_shapes,
+        split_params,
+    )
     from jaxsr.train.shardings import state_shardings
     from jaxsr.train.step import init_state, make_optimizer, train_step
 
@@ -65,7 +70,10 @@ def main() -> None:
     config.data.crop_size = args.crop
     config.model.dtype = "bfloat16"
     config.frozen_dtype = "float32"     # as measured before frozen weights went bf16
-    nets, trainable, frozen = seesr_train_networks(config)
+    weights, tokenizer = seesr_weight_shapes(config)
+    nets = build_networks(config, weights, tokenizer)
+    trainable, frozen = split_params(config, weights)
+    frozen = as_dtype(frozen, jnp.float32)
     count = lambda t: sum(math.prod(x.shape) for x in jax.tree.leaves(t))
     n_train, n_frozen = count(trainable), count(frozen)
     print(f"trainable {n_train:,} params, frozen {n_frozen:,}", flush=True)

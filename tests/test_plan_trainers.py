@@ -1,4 +1,5 @@
-"""`jaxsr plan --program train` for the DAPE and CoSeR trainers (jaxsr/plan/trainers.py).
+"""`jaxsr plan --program train` for the DAPE and CoSeR trainers (jaxsr/plan/trainers.py)
+and SeeSR's (jaxsr/plan/programs.py; its TPU compile is in tests/test_plan.py).
 
 Default suite: each tiny trainer's train step, built from shapes alone, traces for a
 v5e:2x2 mesh of data 2 x fsdp 2 (shapes and shardings line up; no compile), and its
@@ -14,7 +15,7 @@ import time
 import jax
 import pytest
 
-from configs import coser_train, dape_train
+from configs import coser_train, dape_train, seesr_train
 from jaxsr.plan.topology import libtpu_status
 
 _REASON = libtpu_status()
@@ -26,6 +27,9 @@ TRAINERS = {"dape": ("configs/dape_train.py:tiny", lambda: dape_train.get_config
                              lambda: coser_train.get_config("stage1_tiny")),
             "coser_stage2": ("configs/coser_train.py:stage2_tiny",
                              lambda: coser_train.get_config("stage2_tiny"))}
+# The default tests' set: SeeSR's step is compiled for a TPU in tests/test_plan.py.
+WITH_SEESR = {**TRAINERS, "seesr": ("configs/seesr_train.py:tiny",
+                                    lambda: seesr_train.get_config("tiny"))}
 REPORT_KEYS = {"topology", "chip", "chips", "mesh", "program", "batch_per_chip", "memory",
                "hbm_bytes", "fits", "flops_per_chip", "hbm_traffic_bytes", "collectives",
                "predicted", "warnings"}
@@ -35,21 +39,23 @@ MEMORY_KEYS = {"params", "optimizer", "frozen", "batch", "temporaries", "generat
 
 def _program(name, batch_per_chip):
     from jaxsr.parallel.mesh import make_mesh
+    from jaxsr.plan.programs import seesr_train_program
     from jaxsr.plan.topology import tpu_topology
     from jaxsr.plan.trainers import coser_train_program, dape_train_program
     from jaxsr.platform import compiling_for
 
-    config = TRAINERS[name][1]()
+    config = WITH_SEESR[name][1]()
     devices, _ = tpu_topology("v5e:2x2")
     mesh = make_mesh(AXES, devices)
-    build = dape_train_program if name == "dape" else coser_train_program
+    build = {"dape": dape_train_program,
+             "seesr": seesr_train_program}.get(name, coser_train_program)
     with compiling_for("tpu"):
         program = build(config, mesh, batch_per_chip)
         program.jitted.trace(*program.args)
     return program
 
 
-@pytest.mark.parametrize("name", sorted(TRAINERS))
+@pytest.mark.parametrize("name", sorted(WITH_SEESR))
 def test_tiny_train_step_traces_from_shapes(name):
     program = _program(name, batch_per_chip=2)
     # data 2 x fsdp 2: both axes split the batch, 4 chips x 2 examples.
@@ -59,7 +65,7 @@ def test_tiny_train_step_traces_from_shapes(name):
     # AdamW's two moments (no EMA in these configs) and its step counters.
     assert parts["optimizer"] >= 2 * parts["params"]
     state, frozen, batch, _ = program.args
-    assert set(batch) == {"dape": {"hr"}, "coser_stage1": {"hr", "ids"},
+    assert set(batch) == {"dape": {"hr"}, "seesr": {"hr"}, "coser_stage1": {"hr", "ids"},
                           "coser_stage2": {"hr", "ids", "ref"}}[name]
     for leaf in batch.values():
         assert leaf.shape[:2] == (1, 8)
@@ -69,14 +75,18 @@ def _structure(tree):
     return jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), tree)
 
 
-@pytest.mark.parametrize("name", sorted(TRAINERS))
+@pytest.mark.parametrize("name", sorted(WITH_SEESR))
 def test_abstract_split_is_the_trainers_split(name, tmp_path):
     """The trees `jaxsr plan` builds from shapes are those the trainer builds from its
     (tiny, random) weights: same leaves, shapes and dtypes."""
-    from jaxsr.train import coser_trainer, dape_trainer
+    from jaxsr.train import coser_trainer, dape_trainer, seesr_trainer
 
-    config = TRAINERS[name][1]()
-    if name == "dape":
+    config = WITH_SEESR[name][1]()
+    if name == "seesr":
+        real = seesr_trainer.seesr_task(config, tmp_path)
+        shapes = seesr_trainer.seesr_task(config, tmp_path,
+                                          weights=seesr_trainer.seesr_weight_shapes(config))
+    elif name == "dape":
         real = dape_trainer.dape_task(config, tmp_path)
         shapes = dape_trainer.dape_task(config, tmp_path,
                                         weights=dape_trainer.dape_weight_shapes(config))

@@ -98,45 +98,6 @@ def global_batch(mesh: Mesh, batch_per_chip: int) -> int:
     return batch_per_chip * math.prod(mesh.shape[a] for a in batch_axes(mesh))
 
 
-def _tag_table(tags):
-    from jaxsr.demo import demo_tokenizer
-    from jaxsr.train.prompt_tokens import TagTokenTable
-
-    # The table's shapes depend on the tag list, not on the vocabulary: the demo
-    # tokenizer stands in for the released one.
-    return TagTokenTable.build(demo_tokenizer(), tags)
-
-
-def seesr_train_networks(config):
-    """(SeeSRTrainNets, abstract trainable tree, abstract frozen tree) of a
-    configs/seesr_train.py config, from its sizes alone (no weights)."""
-    from jaxsr.demo import SD2_SCHEDULER_CONFIG, model_configs
-    from jaxsr.diffusion.schedule import SchedulerConfig
-    from jaxsr.models import clip_text, controlnet, dape, unet, vae
-    from jaxsr.models.tags import load_tag_list, load_thresholds
-    from jaxsr.train.seesr_objective import SeeSRTrainNets, split_unet
-
-    dt = _DTYPES[config.model.dtype]
-    att = config.model.attention
-    remat = bool(config.get("remat", False))
-    unet_cfg, cn_cfg, vae_cfg, text_cfg, dape_cfg = model_configs(config.model)
-    nets = SeeSRTrainNets(
-        unet=unet.UNet2DConditionModel(unet_cfg, dt, attention=att, remat=remat),
-        controlnet=controlnet.ControlNetModel(cn_cfg, dt, attention=att, remat=remat),
-        vae=vae.AutoencoderKL(vae_cfg, dt, attention=att),
-        text_encoder=clip_text.CLIPTextModel(text_cfg, dt, attention=att),
-        dape=dape.DAPE(dape_cfg, dtype=dt, attention=att),
-        tag_table=_tag_table(load_tag_list()), thresholds=load_thresholds(),
-        alphas_cumprod=SchedulerConfig.from_diffusers(SD2_SCHEDULER_CONFIG, "ddpm")
-        .alphas_cumprod())
-    frozen_unet, rca = split_unet(unet.param_shapes(unet_cfg))
-    trainable = {"controlnet": controlnet.param_shapes(cn_cfg), "unet_rca": rca}
-    frozen = {"unet": frozen_unet, "vae": vae.param_shapes(vae_cfg),
-              "text_encoder": clip_text.param_shapes(text_cfg),
-              "dape": dape.param_shapes(dape_cfg)}
-    return nets, trainable, as_dtype(frozen, _DTYPES[config.get("frozen_dtype", "float32")])
-
-
 def task_train_program(name: str, task, config, mesh: Mesh, batch_per_chip: int,
                        notes: list | None = None) -> Program:
     """A `jaxsr.train.loop.Task` of abstract trees as the loop's own train step on
@@ -168,18 +129,9 @@ def seesr_train_program(config, mesh: Mesh, batch_per_chip: int) -> Program:
     """The SeeSR train step (configs/seesr_train.py) on `mesh`: degradation, frozen DAPE
     / text encoder / VAE, ControlNet + UNet forward and backward, clip + AdamW, with
     the loss `seesr_trainer.seesr_task` gives the loop."""
-    from jaxsr.train.loop import Task
-    from jaxsr.train.seesr_objective import seesr_loss
-    from jaxsr.train.seesr_trainer import degradation_fn
+    from jaxsr.train.seesr_trainer import seesr_task, seesr_weight_shapes
 
-    nets, trainable, frozen = seesr_train_networks(config)
-    degrade = degradation_fn(config)
-    ratio = float(config.null_text_ratio)
-
-    def loss_fn(params, fz, hr, keys):
-        return seesr_loss(nets, params, fz, hr, keys, degrade, ratio), {}
-
-    task = Task(trainable=trainable, frozen=frozen, loss_fn=loss_fn)
+    task = seesr_task(config, None, weights=seesr_weight_shapes(config))
     remat = "on" if config.get("remat", False) else "off"
     return task_train_program(
         "seesr train", task, config, mesh, batch_per_chip,

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsr.convert.seesr_init import controlnet_params_from_unet
-from jaxsr.convert.seesr_weights import load_seesr_folder
+from jaxsr.convert.seesr_weights import SeeSRWeights, load_seesr_folder
 from jaxsr.diffusion.schedule import SchedulerConfig
 from jaxsr.models.clip_text import CLIPTextModel
 from jaxsr.models.controlnet import ControlNetModel
@@ -29,7 +29,7 @@ from jaxsr.train.loop import EXIT_TERMINATED, Task, TrainResult, run
 from jaxsr.train.prompt_tokens import TagTokenTable
 from jaxsr.train.seesr_objective import SeeSRTrainNets, seesr_loss, split_unet
 
-__all__ = ["EXIT_TERMINATED", "TrainResult", "seesr_task", "train"]
+__all__ = ["EXIT_TERMINATED", "TrainResult", "seesr_task", "seesr_weight_shapes", "train"]
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -56,6 +56,27 @@ def load_weights(config):
         return weights, load_tokenizer(folder / "tokenizer")
 
 
+def seesr_weight_shapes(config):
+    """`load_weights`' result with every parameter tree as ShapeDtypeStructs, from
+    config.model's sizes alone (no file read, nothing drawn): what `jaxsr plan`
+    compiles. The tag list and thresholds are the packaged RAM ones; the tokenizer is
+    the demo one (the tag table's shapes depend on the tags, not on the vocabulary)."""
+    from jaxsr.demo import SD2_SCHEDULER_CONFIG, demo_tokenizer, model_configs
+    from jaxsr.models import clip_text, controlnet, dape, unet, vae
+    from jaxsr.models.tags import load_tag_list, load_thresholds
+
+    unet_cfg, cn_cfg, vae_cfg, text_cfg, dape_cfg = model_configs(config.model)
+    weights = SeeSRWeights(
+        unet=(unet_cfg, unet.param_shapes(unet_cfg)),
+        controlnet=(cn_cfg, controlnet.param_shapes(cn_cfg)),
+        vae=(vae_cfg, vae.param_shapes(vae_cfg)),
+        text_encoder=(text_cfg, clip_text.param_shapes(text_cfg)),
+        dape=(dape_cfg, dape.param_shapes(dape_cfg)),
+        tags=list(load_tag_list()), thresholds=load_thresholds(),
+        scheduler_config=dict(SD2_SCHEDULER_CONFIG), tokenizer_dir=None)
+    return weights, demo_tokenizer()
+
+
 def build_networks(config, weights, tokenizer) -> SeeSRTrainNets:
     dt = _DTYPES[config.model.dtype]
     att = config.model.attention
@@ -74,10 +95,13 @@ def build_networks(config, weights, tokenizer) -> SeeSRTrainNets:
 
 
 def split_params(config, weights) -> tuple[dict, dict]:
-    """(trainable, frozen) host trees: ControlNet + UNet RCA vs the rest."""
+    """(trainable, frozen) host trees: ControlNet + UNet RCA vs the rest (abstract
+    trees from `seesr_weight_shapes` stay abstract)."""
     frozen_unet, rca = split_unet(weights.unet[1])
     cn = weights.controlnet[1]
-    if config.init.controlnet_from_unet:
+    abstract = all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(cn))
+    # Initialising the ControlNet from the UNet keeps every shape: nothing to do on shapes.
+    if config.init.controlnet_from_unet and not abstract:
         cn = jax.tree.map(np.asarray, controlnet_params_from_unet(
             weights.unet[1], cn, jax.random.key(config.seed)))
     trainable = {"controlnet": cn, "unet_rca": rca}
@@ -94,10 +118,11 @@ def degradation_fn(config):
     return lambda keys, hr: degrade_batch(keys, hr, preset)
 
 
-def seesr_task(config, workdir) -> Task:
+def seesr_task(config, workdir, weights=None) -> Task:
     """Weights, the trainable/frozen split, the loss, the sample writer and the held-out
-    evaluation of SeeSR."""
-    weights, tokenizer = load_weights(config)
+    evaluation of SeeSR. weights: (SeeSRWeights, tokenizer) as `load_weights` (the
+    default) or `seesr_weight_shapes` (abstract: `jaxsr plan`) give them."""
+    weights, tokenizer = load_weights(config) if weights is None else weights
     nets = build_networks(config, weights, tokenizer)
     trainable, frozen = split_params(config, weights)
     degrade_fn = degradation_fn(config)
