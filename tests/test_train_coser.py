@@ -525,10 +525,32 @@ def test_stage2_trains_resumes_and_exports(photos, tmp_path, capsys):
     assert sr.shape == ref.shape == (64, 64, 3)
 
 
-def _pipeline_scores(config, workdir) -> dict[str, float]:
+# The evaluator and the pipeline do the same float32 work on different meshes; a value
+# that sits near an 8-bit level boundary may round to the other level on some CPUs (a
+# few of the 24,576 output values). The scores must agree within what this many
+# flipped levels can move them.
+LEVEL_FLIPS = 16
+
+
+def _level_flip_tolerance(metrics, sr, hr, scores) -> dict[str, float]:
+    """The sum of the moves of each score when one of LEVEL_FLIPS fixed output values
+    is one 8-bit level off (a first-order bound on flipping all of them)."""
+    assert sr.dtype == np.uint8
+    flat = sr.reshape(-1)
+    moved = dict.fromkeys(scores, 0.0)
+    for i in np.random.default_rng(0).choice(flat.size, LEVEL_FLIPS, replace=False):
+        flipped = flat.copy()
+        flipped[i] = flipped[i] + 1 if flipped[i] < 255 else flipped[i] - 1
+        for name, value in metrics(flipped.reshape(sr.shape), hr).items():
+            moved[name] += abs(value - scores[name])
+    return moved
+
+
+def _pipeline_scores(config, workdir) -> tuple[dict[str, float], dict[str, float]]:
     """Mean PSNR and SSIM of config.eval's held-out pairs super-resolved by
     CoSeRPipeline from WORKDIR's exported folder, as the evaluator is configured
-    (float32, plain VAE decoder, eval.steps, every image from key(eval.seed))."""
+    (float32, plain VAE decoder, eval.steps, every image from key(eval.seed)), and how
+    far LEVEL_FLIPS flipped output levels move each."""
     from jaxsr.metrics.registry import HeldOutMetrics
     from jaxsr.pipelines.coser import CoSeROptions, CoSeRPipeline
     from jaxsr.train.coser_trainer import STAGE2_FOLDER
@@ -540,7 +562,10 @@ def _pipeline_scores(config, workdir) -> dict[str, float]:
                                          devices=jax.devices()[:1])
     options = CoSeROptions(steps=int(config.eval.steps), decoder="vae")
     sr = pipe.upscale([lr for lr, _ in pairs], options=options, seed=int(config.eval.seed))
-    return HeldOutMetrics(["psnr", "ssim"])(np.stack(sr), np.stack([hr for _, hr in pairs]))
+    metrics = HeldOutMetrics(["psnr", "ssim"])
+    sr, hr = np.stack(sr), np.stack([hr for _, hr in pairs])
+    scores = metrics(sr, hr)
+    return scores, _level_flip_tolerance(metrics, sr, hr, scores)
 
 
 @pytest.mark.slow
@@ -566,10 +591,11 @@ def test_stage2_logs_held_out_metrics_of_the_weights_it_exports(photos, tmp_path
     held = [r for r in rows if "eval/psnr" in r]
     assert [r["step"] for r in held] == [2] and "eval/ssim" in held[0]
 
-    want = _pipeline_scores(config, workdir)
-    print("held-out scores:", {k: held[0][f"eval/{k}"] for k in want}, "pipeline:", want)
+    want, flips = _pipeline_scores(config, workdir)
+    print("held-out scores:", {k: held[0][f"eval/{k}"] for k in want}, "pipeline:", want,
+          f"{LEVEL_FLIPS} flipped levels move them by", flips)
     for name, value in want.items():
-        assert abs(held[0][f"eval/{name}"] - value) <= 1e-5 * abs(value), name
+        assert abs(held[0][f"eval/{name}"] - value) <= flips[name] + 1e-6 * abs(value), name
 
 
 def test_stage2_evaluator_scores_what_the_pipeline_gives_the_same_weights(photos, tmp_path):
@@ -597,7 +623,8 @@ def test_stage2_evaluator_scores_what_the_pipeline_gives_the_same_weights(photos
     assert set(got) == {"psnr", "ssim"}
 
     task.finish(SimpleNamespace(params=task.trainable), 0)
-    want = _pipeline_scores(config, workdir)
-    print("held-out scores:", got, "pipeline:", want)
+    want, flips = _pipeline_scores(config, workdir)
+    print("held-out scores:", got, "pipeline:", want,
+          f"{LEVEL_FLIPS} flipped levels move them by", flips)
     for name, value in want.items():
-        assert abs(got[name] - value) <= 1e-5 * abs(value), name
+        assert abs(got[name] - value) <= flips[name] + 1e-6 * abs(value), name
