@@ -55,7 +55,6 @@ def main() -> None:
     from configs import seesr_train
     from jaxsr.parallel.mesh import batch_axes, make_mesh
     from jaxsr.parallel.sharding import infer_shardings
-    from jaxsr.plan.programs import as_dtype
     from jaxsr.train.seesr_objective import seesr_loss
     from jaxsr.train.seesr_trainer import (
         build_networks,
@@ -72,8 +71,7 @@ def main() -> None:
     config.frozen_dtype = "float32"     # as measured before frozen weights went bf16
     weights, tokenizer = seesr_weight_shapes(config)
     nets = build_networks(config, weights, tokenizer)
-    trainable, frozen = split_params(config, weights)
-    frozen = as_dtype(frozen, jnp.float32)
+    trainable, frozen = split_params(config, weights)     # float32 shapes
     count = lambda t: sum(math.prod(x.shape) for x in jax.tree.leaves(t))
     n_train, n_frozen = count(trainable), count(frozen)
     print(f"trainable {n_train:,} params, frozen {n_frozen:,}", flush=True)

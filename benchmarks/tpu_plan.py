@@ -155,14 +155,19 @@ def _checked(name: str, report_path: Path) -> dict:
     return report
 
 
+def _best(runs: list[dict]) -> dict | None:
+    """The run with the most images per second per chip among those that fit."""
+    fitting = [r for r in runs if "error" not in r and r.get("fits")]
+    return max(fitting, key=lambda r: r["predicted"]["images_per_s_per_chip"], default=None)
+
+
 def record(name: str, report_paths: list[Path], out_dir: Path) -> None:
     """Saves hand-run reports as row `name`: every one is a run, the best is the one
     that fits with the most images per second per chip."""
     if name not in ROWS:
         raise SystemExit(f"--record needs --rows to name one row exactly: {', '.join(ROWS)}")
     runs = [_checked(name, path) for path in report_paths]
-    fitting = [r for r in runs if "error" not in r and r.get("fits")]
-    best = max(fitting, key=lambda r: r["predicted"]["images_per_s_per_chip"], default=None)
+    best = _best(runs)
     write_json(out_dir / f"{name}.json", {"benchmark": "tpu_plan", "row": name, "best": best,
                                           "runs": runs, "environment": environment()})
     print_table([row_summary(name, r) for r in runs], list(row_summary(name, runs[0])))
@@ -200,10 +205,7 @@ def main() -> None:
                          for b in batches]
             else:
                 runs += search_batch(program, config, topology, mesh, extra, args.timeout)
-        fitting = [r for r in runs if "error" not in r and r["fits"]]
-        # The best: most images per second per chip among the plans that fit.
-        best = max(fitting, key=lambda r: r["predicted"]["images_per_s_per_chip"],
-                   default=None)
+        best = _best(runs)
         write_json(out_dir / f"{name}.json", {"benchmark": "tpu_plan", "row": name,
                                               "best": best, "runs": runs,
                                               "environment": environment()})
