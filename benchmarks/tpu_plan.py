@@ -10,11 +10,13 @@ best mesh of a small sweep.
 
 Each compile runs `jaxsr plan --json` in a fresh process (a full-size compile holds
 several GB; a failure costs one row). The batch search per (row, mesh): compile at
-batch b0 and 2·b0, extrapolate the memory per image to the HBM limit, and compile
-at that batch (and one lower if it does not fit). Every number is the compiler's
-(memory) or a roofline prediction from the chip table (time, MFU): nothing runs on
-a TPU. Writes benchmarks/results/tpu_plan/<row>.json (every compile of the row, and
-the best) and prints the table; rows run before are kept and re-listed.
+batch b0 and 2·b0, extrapolate the memory per image to the HBM limit, compile at
+that batch, and once more at the batch extrapolated from the two largest compiles
+when it lies between the largest that fit and the smallest that did not. Every
+number is the compiler's (memory) or a roofline prediction from the chip table
+(time, MFU): nothing runs on a TPU. Writes benchmarks/results/tpu_plan/<row>.json
+(every compile of the row, and the best) and prints the table; rows run before are
+kept and re-listed.
 """
 
 from __future__ import annotations
@@ -25,11 +27,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import environment, print_table, write_json  # noqa: E402
+from jaxsr.plan.report import RUNTIME_HEADROOM  # noqa: E402
 
 # name: (program, config, topology, meshes to sweep, fixed batches or None to search,
 #        extra CLI arguments)
@@ -75,7 +79,7 @@ ROWS = {
 }
 
 
-def run_plan(program, config, topology, mesh, batch, extra, timeout) -> dict:
+def run_plan(program, config, topology, mesh, batch, extra=(), timeout=3600) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "plan.json"
         cmd = [sys.executable, "-m", "jaxsr.cli", "plan", "--program", program, "--config",
@@ -97,24 +101,41 @@ def run_plan(program, config, topology, mesh, batch, extra, timeout) -> dict:
         return report
 
 
-def search_batch(program, config, topology, mesh, extra, timeout, start=1) -> list[dict]:
-    """Compiles at start and 2·start, then at the extrapolated largest batch."""
-    tried = [run_plan(program, config, topology, mesh, b, extra, timeout)
-             for b in (start, 2 * start)]
+def largest_fitting_batch(low: dict, high: dict) -> int | None:
+    """The largest batch whose total stays within the usable HBM, on the line through
+    two compiled reports' (batch, total bytes); None when memory does not grow with
+    the batch (nothing to extrapolate)."""
+    per_image = ((high["memory"]["total"] - low["memory"]["total"])
+                 / (high["batch_per_chip"] - low["batch_per_chip"]))
+    if per_image <= 0:
+        return None
+    usable = low["hbm_bytes"] * (1 - RUNTIME_HEADROOM)
+    return max(1, low["batch_per_chip"] + int((usable - low["memory"]["total"]) / per_image))
+
+
+def search_batch(compile_at, start: int = 1) -> list[dict]:
+    """Compiles at start and 2·start, then at the batch extrapolated from their memory
+    to the HBM limit, then once more from the line through the two largest compiles
+    (a short slope between small batches can over- or under-state the per-image
+    bytes): up to four compiles. `compile_at(batch)` returns a `jaxsr plan` report."""
+    tried = [compile_at(b) for b in (start, 2 * start)]
     if any("error" in r for r in tried):
         return tried
-    (a, b) = tried
-    per_image = (b["memory"]["total"] - a["memory"]["total"]) / start
-    usable = a["hbm_bytes"] * 0.95
-    if per_image <= 0:
+    guess = largest_fitting_batch(*tried)
+    if guess is None or guess <= 2 * start:
         return tried
-    best = max(1, int((usable - a["memory"]["total"]) / per_image) + start)
-    if best <= 2 * start:
+    tried.append(compile_at(guess))
+    if "error" in tried[-1]:
         return tried
-    guess = run_plan(program, config, topology, mesh, best, extra, timeout)
-    tried.append(guess)
-    if "error" not in guess and not guess["fits"] and best - 1 > 2 * start:
-        tried.append(run_plan(program, config, topology, mesh, best - 1, extra, timeout))
+    again = largest_fitting_batch(tried[1], tried[2])
+    fitted = [r["batch_per_chip"] for r in tried if r["fits"]]
+    # Worth one more compile only if it lands between the largest batch that fits
+    # and the smallest that does not.
+    ceiling = min([r["batch_per_chip"] for r in tried if not r["fits"]], default=None)
+    if again is not None and again > max(fitted) and (ceiling is None or again < ceiling):
+        tried.append(compile_at(again))
+    elif not tried[-1]["fits"] and guess - 1 > 2 * start:
+        tried.append(compile_at(guess - 1))
     return tried
 
 
@@ -204,7 +225,8 @@ def main() -> None:
                 runs += [run_plan(program, config, topology, mesh, b, extra, args.timeout)
                          for b in batches]
             else:
-                runs += search_batch(program, config, topology, mesh, extra, args.timeout)
+                runs += search_batch(partial(run_plan, program, config, topology, mesh,
+                                             extra=extra, timeout=args.timeout))
         best = _best(runs)
         write_json(out_dir / f"{name}.json", {"benchmark": "tpu_plan", "row": name,
                                               "best": best, "runs": runs,
