@@ -104,7 +104,10 @@ def run_plan(program, config, topology, mesh, batch, extra=(), timeout=3600) -> 
 def largest_fitting_batch(low: dict, high: dict) -> int | None:
     """The largest batch whose total stays within the usable HBM, on the line through
     two compiled reports' (batch, total bytes); None when memory does not grow with
-    the batch (nothing to extrapolate)."""
+    the batch, or a report has no total (the compiler refused it without saying how
+    much it needed): nothing to extrapolate."""
+    if low["memory"]["total"] is None or high["memory"]["total"] is None:
+        return None
     per_image = ((high["memory"]["total"] - low["memory"]["total"])
                  / (high["batch_per_chip"] - low["batch_per_chip"]))
     if per_image <= 0:
@@ -132,7 +135,8 @@ def search_batch(compile_at, start: int = 1) -> list[dict]:
     # Worth one more compile only if it lands between the largest batch that fits
     # and the smallest that does not.
     ceiling = min([r["batch_per_chip"] for r in tried if not r["fits"]], default=None)
-    if again is not None and again > max(fitted) and (ceiling is None or again < ceiling):
+    if (again is not None and again > max(fitted, default=0)
+            and (ceiling is None or again < ceiling)):
         tried.append(compile_at(again))
     elif not tried[-1]["fits"] and guess - 1 > 2 * start:
         tried.append(compile_at(guess - 1))
@@ -143,6 +147,9 @@ def row_summary(name: str, r: dict) -> dict:
     if "error" in r:
         return {"row": name, "topology": r["topology"], "mesh": r["mesh_arg"],
                 "batch/chip": r["batch_per_chip"], "fits": "error"}
+    if r["predicted"] is None:   # refused by the compiler for lack of HBM
+        return {"row": name, "topology": r["topology"], "mesh": str(r["mesh"]),
+                "batch/chip": r["batch_per_chip"], "fits": False}
     p = r["predicted"]
     return {"row": name, "topology": r["topology"], "mesh": str(r["mesh"]),
             "batch/chip": r["batch_per_chip"], "GB/chip": r["memory"]["total"] / 1e9,

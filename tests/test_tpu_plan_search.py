@@ -65,6 +65,25 @@ def test_an_overshoot_is_walked_back_along_the_steeper_line():
     assert compiled[3] <= largest_true(total)
 
 
+def test_a_batch_the_compiler_refuses_is_walked_back_by_one():
+    # A compile refused for lack of HBM may not say how much it needed: no total.
+    def total(b):
+        return 10e9 + 3e9 * b + 0.05e9 * b * b
+
+    compiled = []
+    plain = reporter(total, compiled)
+
+    def compile_at(batch):
+        report = plain(batch)
+        if not report["fits"]:
+            report["memory"]["total"] = None
+        return report
+
+    runs = search_batch(compile_at)
+    assert compiled == [1, 2, 27, 26]
+    assert not runs[2]["fits"] and not runs[3]["fits"]
+
+
 def test_a_failed_compile_ends_the_search():
     compiled = []
 
