@@ -144,15 +144,15 @@ def search_batch(compile_at, start: int = 1) -> list[dict]:
 
 
 def row_summary(name: str, r: dict) -> dict:
+    head = {"row": name, "topology": r["topology"],
+            "mesh": r["mesh_arg"] if "error" in r else str(r["mesh"]),
+            "batch/chip": r["batch_per_chip"]}
     if "error" in r:
-        return {"row": name, "topology": r["topology"], "mesh": r["mesh_arg"],
-                "batch/chip": r["batch_per_chip"], "fits": "error"}
+        return {**head, "fits": "error"}
     if r["predicted"] is None:   # refused by the compiler for lack of HBM
-        return {"row": name, "topology": r["topology"], "mesh": str(r["mesh"]),
-                "batch/chip": r["batch_per_chip"], "fits": False}
+        return {**head, "fits": False}
     p = r["predicted"]
-    return {"row": name, "topology": r["topology"], "mesh": str(r["mesh"]),
-            "batch/chip": r["batch_per_chip"], "GB/chip": r["memory"]["total"] / 1e9,
+    return {**head, "GB/chip": r["memory"]["total"] / 1e9,
             "HBM GB": r["hbm_bytes"] / 1e9, "fits": r["fits"],
             "TFLOP/chip": r["flops_per_chip"] / 1e12,
             "coll GB": sum(v["bytes"] for v in r["collectives"].values()) / 1e9,

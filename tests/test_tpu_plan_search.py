@@ -47,7 +47,7 @@ def test_a_slope_overstated_by_small_batches_is_corrected_upwards():
     compiled = []
     runs = search_batch(reporter(total, compiled))
     assert compiled[:3] == [1, 2, 30] and runs[2]["fits"]
-    # The line through batches 2 and 31 is the true one: the fourth compile lands on
+    # The line through batches 2 and 30 is the true one: the fourth compile lands on
     # the largest batch that fits.
     assert compiled[3] == largest_true(total) == 59 and runs[3]["fits"]
 
