@@ -286,3 +286,33 @@ def test_tiled_decode_matches_hook_transcription(vae):
     assert got.shape == (2, 320, 216, 3)
     assert rel_err(nhwc_to_nchw(got), want) <= 1e-5
     assert 25 <= _psnr(got, plain) < 100  # measured 54.4 dB
+
+
+@pytest.mark.parametrize("coder", ["encode", "decode"])
+def test_tiled_vae_keeps_a_sharded_batch_on_its_devices(vae, coder):
+    """One image per device: the tiled coders run with no collectives at all and give
+    the single-device numbers. (Arenas that folded the batch into their rows made the
+    partitioner gather every image's tiles onto every device.)"""
+    from jaxsr.plan.hlo import KINDS, collectives
+
+    devices = jax.devices()[:4]
+    if len(devices) < 4:
+        pytest.skip(f"needs 4 host devices, found {len(devices)}")
+    _, model, params = vae
+    mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
+    batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    rng = np.random.default_rng(5)
+    if coder == "encode":   # 2×3 tiles of four shapes, as above
+        x = rng.uniform(-1, 1, (4, 152, 200, 3)).astype(np.float32)
+        fn = lambda p, v: tv.tiled_encode(model, p, v, tile=ENC_TILE).mean
+    else:                   # 2×1 tiles of two shapes, as above
+        x = rng.standard_normal((4, 40, 27, 4)).astype(np.float32)
+        fn = lambda p, v: tv.tiled_decode(model, p, v, tile=DEC_TILE)
+    compiled = jax.jit(fn, out_shardings=batch).lower(
+        jax.device_put(params, replicated), jax.device_put(x, batch)).compile()
+    found = collectives(compiled.as_text())
+    assert all(found[k]["count"] == 0 for k in KINDS), found
+    got = compiled(jax.device_put(params, replicated), jax.device_put(x, batch))
+    single = jax.jit(fn)(params, x)
+    assert rel_err(np.asarray(got), np.asarray(single)) <= 1e-6

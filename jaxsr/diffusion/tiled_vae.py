@@ -319,10 +319,14 @@ def run_tiled(ops: list[Op], x, tiles: list[Tile], *, groups: int, scale: int, u
     untiled network (used by the tests to check the op lists).
 
     Storage: every tile's current activation lives in one row of an arena
-    [n_tiles, max elements], its pending residual in a second one. Each segment
-    is a `fori_loop` over the tiles of one shape that reads a tile's row,
-    computes, and writes the row back in place; the arenas are the loop carries
-    of all loops, so XLA keeps updating the same two buffers (separate
+    [B, n_tiles, max elements per sample], its pending residual in a second one.
+    The batch stays the arenas' own leading axis so that a batch sharded over
+    devices stays sharded: folded into the rows, it made the partitioner gather
+    every image's tiles onto every device (the 2048² SeeSR sampling plan on
+    v5p:2x2x1, one image per chip, compiled to 1.3 TB of all-gathers per step).
+    Each segment is a `fori_loop` over the tiles of one shape that reads a tile's
+    row, computes, and writes the row back in place; the arenas are the loop
+    carries of all loops, so XLA keeps updating the same two buffers (separate
     `lax.map` outputs would each get a fresh buffer: measured, it grows with the
     ~30 segments).
     """
@@ -334,15 +338,16 @@ def run_tiled(ops: list[Op], x, tiles: list[Tile], *, groups: int, scale: int, u
     for i, t in enumerate(tiles):
         by_shape.setdefault((t.read.y1 - t.read.y0, t.read.x1 - t.read.x0), []).append(i)
     shapes = {hw: _trace_shapes(segs, (b, *hw, x.shape[-1]), groups, dtype) for hw in by_shape}
-    size = lambda sd: int(np.prod(sd.shape)) if sd is not None else 0
+    # Elements per sample of a tile's activation (every shape here leads with B).
+    size = lambda sd: int(np.prod(sd.shape[1:])) if sd is not None else 0
     row = max(size(sx) for sh in shapes.values() for sx, _ in sh)
     res_row = max([1] + [size(sr) for sh in shapes.values() for _, sr in sh])
 
-    arena = jnp.zeros((n, row), dtype)
+    arena = jnp.zeros((b, n, row), dtype)
     for i, t in enumerate(tiles):
         crop = x[:, t.read.y0:t.read.y1, t.read.x0:t.read.x1].astype(dtype)
-        arena = arena.at[i, :crop.size].set(crop.reshape(-1))
-    res_arena = jnp.zeros((n, res_row), dtype)
+        arena = arena.at[:, i, :crop[0].size].set(crop.reshape(b, -1))
+    res_arena = jnp.zeros((b, n, res_row), dtype)
     stats = None
 
     for k, seg in enumerate(segs):
@@ -358,17 +363,18 @@ def run_tiled(ops: list[Op], x, tiles: list[Tile], *, groups: int, scale: int, u
                      uses_res=uses_res):
                 arena, res_arena, t_mean, t_var = carry
                 i = order[j]
-                tx = jax.lax.dynamic_slice(arena, (i, 0), (1, size(x_in))).reshape(x_in.shape)
+                tx = jax.lax.dynamic_slice(arena, (0, i, 0), (b, 1, size(x_in)))
+                tx = tx.reshape(x_in.shape)
                 res = None
                 if uses_res and r_in is not None:
-                    res = jax.lax.dynamic_slice(res_arena, (i, 0), (1, size(r_in)))
+                    res = jax.lax.dynamic_slice(res_arena, (0, i, 0), (b, 1, size(r_in)))
                     res = res.reshape(r_in.shape)
                 tx, res = _run_segment(seg, tx, res, stats, groups, dtype)
                 arena = jax.lax.dynamic_update_slice(
-                    arena, tx.reshape(1, -1).astype(dtype), (i, 0))
+                    arena, tx.reshape(b, 1, -1).astype(dtype), (0, i, 0))
                 if uses_res and res is not None:
                     res_arena = jax.lax.dynamic_update_slice(
-                        res_arena, res.reshape(1, -1).astype(dtype), (i, 0))
+                        res_arena, res.reshape(b, 1, -1).astype(dtype), (0, i, 0))
                 if seg.collect:
                     mean, var = group_moments(tx, groups)
                     t_mean = jax.lax.dynamic_update_slice(t_mean, mean[None], (i, 0, 0))
@@ -393,7 +399,7 @@ def run_tiled(ops: list[Op], x, tiles: list[Tile], *, groups: int, scale: int, u
             if wb.y1 <= wb.y0 or wb.x1 <= wb.x0:
                 continue  # a tile that only contributed statistics (possible for many tiles)
             rows, cols = _valid_crop(tiles[i], final.shape[1:3], scale, upsamples)
-            tile_out = arena[i, :size(final)].reshape(final.shape)
+            tile_out = arena[:, i, :size(final)].reshape(final.shape)
             out = out.at[:, wb.y0:wb.y1, wb.x0:wb.x1].set(tile_out[:, rows, cols])
     return out
 
