@@ -309,10 +309,10 @@ def test_tiled_vae_keeps_a_sharded_batch_on_its_devices(vae, coder):
     else:                   # 2×1 tiles of two shapes, as above
         x = rng.standard_normal((4, 40, 27, 4)).astype(np.float32)
         fn = lambda p, v: tv.tiled_decode(model, p, v, tile=DEC_TILE)
-    compiled = jax.jit(fn, out_shardings=batch).lower(
-        jax.device_put(params, replicated), jax.device_put(x, batch)).compile()
+    params_d, x_d = jax.device_put(params, replicated), jax.device_put(x, batch)
+    compiled = jax.jit(fn, out_shardings=batch).lower(params_d, x_d).compile()
     found = collectives(compiled.as_text())
     assert all(found[k]["count"] == 0 for k in KINDS), found
-    got = compiled(jax.device_put(params, replicated), jax.device_put(x, batch))
+    got = compiled(params_d, x_d)
     single = jax.jit(fn)(params, x)
     assert rel_err(np.asarray(got), np.asarray(single)) <= 1e-6
