@@ -148,9 +148,12 @@ def run(args) -> int:
     from jaxsr.plan.report import format_report
 
     report = build_plan(args)
-    print(format_report(report))
+    # The JSON first: a compile can take an hour, and its report must survive a
+    # terminal or parent process that is gone by the time the table is printed.
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    print(format_report(report))
+    if args.json:
         print(f"wrote {args.json}")
     return 0
